@@ -1,0 +1,44 @@
+# `make demo` and `make test` each set up .venv on first use (Python 3.11), then run.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Offline: no hub downloads, no update checks, no telemetry (see README, "Configuration").
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export NO_ALBUMENTATIONS_UPDATE := 1
+export WANDB_MODE := disabled
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
+
+.PHONY: setup test demo lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch and torchvision are pinned together in one command (a mismatched pair breaks torchvision's ops)
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	# img2dataset pulls the Python 3.6 `dataclasses` backport, which breaks Prefect's server process
+	$(BIN)/pip uninstall -y -q dataclasses
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/rs5m demo --workdir rs5m-demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_keyword.py
+	$(BIN)/python bench/bench_ingest.py
+	$(BIN)/python bench/bench_download.py
+
+clean:
+	rm -rf rs5m-demo .pytest_cache

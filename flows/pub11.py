@@ -1,0 +1,200 @@
+"""PUB11 flows: one flow per stage, each mapping one task over the stage's units (shards, or sources for
+ingest), and the parent flow `pub11` that chains them and publishes the funnel as Prefect artifacts.
+
+Flows pass the config, shard ids and the work directory; the data stays in Parquet under the work
+directory. A stage's shards are independent, so a failed shard fails its stage only after the others
+have finished and committed; the rerun then redoes just the missing shards.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, unmapped
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+from prefect.states import Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from rs5m.config import PipelineConfig
+from rs5m.report import FunnelReport, funnel_markdown, funnel_table_rows, load_funnel
+from storage.catalog import COMPLETE, refresh_catalog, stage_states
+from storage.layout import Layout
+from storage.markers import invalidate_manifest, read_manifest
+from storage.runs import write_run_record
+from tasks import download, ingest, keyword, validate
+from tasks.harness import ShardStage, ShardSummary, StageInputError, complete_stage, now
+from tasks.pipeline import RS5M_COLUMNS, STAGE_ORDER
+
+
+class StageFailed(RuntimeError):
+    """Some units of a stage failed; the others are committed and a rerun resumes."""
+
+
+def _run_id(run_id: str | None) -> str:
+    return run_id or str(flow_run.get_id() or "local")
+
+
+def _refresh(layout: Layout) -> None:
+    refresh_catalog(layout, STAGE_ORDER, RS5M_COLUMNS)
+
+
+def _stage_result(stage: str, summaries: list[ShardSummary], failed: dict[str, str]) -> dict[str, Any]:
+    return {
+        "stage": stage,
+        "units": len(summaries),
+        "skipped": sum(s.skipped for s in summaries),
+        "failed": failed,
+    }
+
+
+@flow(name="ingest", log_prints=True)
+def ingest_flow(config: PipelineConfig, run_id: str | None = None) -> dict[str, Any]:
+    """Read every source into ingest shards; a source that cannot be read fails alone."""
+    layout, run_id = Layout(config.workdir), _run_id(run_id)
+    invalidate_manifest(layout, "ingest")
+    futures = ingest.ingest_task.map(
+        workdir=unmapped(str(layout.root)),
+        source=config.sources,
+        config=unmapped(config.ingest),
+        run_id=unmapped(run_id),
+    )
+    futures.wait()
+    summaries: list[ShardSummary] = []
+    failed: dict[str, str] = {}
+    for source, future in zip(config.sources, futures, strict=True):
+        if future.state.is_completed():
+            summaries.append(future.result())
+        else:
+            failed[source.name] = future.state.message or "failed"
+            get_run_logger().error("source %s failed: %s", source.name, failed[source.name])
+    complete_stage(
+        layout,
+        stage="ingest",
+        upstream=None,
+        unit_fingerprints={
+            s.name: ingest.ingest_fingerprint(config.ingest, s)
+            for s in config.sources
+            if s.name not in failed
+        },
+        run_id=run_id,
+        failed_sources=failed,
+    )
+    _refresh(layout)
+    return _stage_result("ingest", summaries, failed)
+
+
+def _run_shard_stage(stage: ShardStage, task: Any, config: PipelineConfig, section: Any, run_id: str | None):
+    layout, run_id = Layout(config.workdir), _run_id(run_id)
+    states = {s.stage: s.status for s in stage_states(layout, STAGE_ORDER)}
+    if states[stage.upstream] != COMPLETE:
+        raise StageInputError(
+            f"stage {stage.name!r} reads stage {stage.upstream!r}, which is {states[stage.upstream]}; "
+            f"run {stage.upstream!r} first (or the whole pipeline)"
+        )
+    shard_ids = list(read_manifest(layout, stage.upstream).shards)
+    invalidate_manifest(layout, stage.name)
+    futures = task.map(
+        workdir=unmapped(str(layout.root)),
+        shard_id=shard_ids,
+        config=unmapped(section),
+        run_id=unmapped(run_id),
+    )
+    futures.wait()
+    summaries: list[ShardSummary] = []
+    failed: dict[str, str] = {}
+    for shard_id, future in zip(shard_ids, futures, strict=True):
+        if future.state.is_completed():
+            summaries.append(future.result())
+        else:
+            failed[shard_id] = future.state.message or "failed"
+    if failed:
+        _refresh(layout)
+        raise StageFailed(
+            f"stage {stage.name!r}: {len(failed)} of {len(shard_ids)} shards failed "
+            f"({', '.join(sorted(failed)[:5])}...); the others are committed, rerun to resume: "
+            + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())[:3])
+        )
+    complete_stage(
+        layout,
+        stage=stage.name,
+        upstream=stage.upstream,
+        unit_fingerprints=dict.fromkeys(shard_ids, stage.fingerprint(section)),
+        run_id=run_id,
+    )
+    _refresh(layout)
+    return _stage_result(stage.name, summaries, failed)
+
+
+@flow(name="keyword", log_prints=True)
+def keyword_flow(config: PipelineConfig, run_id: str | None = None) -> dict[str, Any]:
+    """RS keyword filter over every ingest shard."""
+    return _run_shard_stage(keyword.KEYWORD, keyword.keyword_task, config, config.keyword, run_id)
+
+
+@flow(name="download", log_prints=True)
+def download_flow(config: PipelineConfig, run_id: str | None = None) -> dict[str, Any]:
+    """img2dataset over every keyword shard (each shard already runs processes x threads)."""
+    return _run_shard_stage(download.DOWNLOAD, download.download_task, config, config.download, run_id)
+
+
+@flow(name="validate", log_prints=True)
+def validate_flow(config: PipelineConfig, run_id: str | None = None) -> dict[str, Any]:
+    """Header checks, then full decode, of every downloaded image."""
+    return _run_shard_stage(validate.VALIDATE, validate.validate_task, config, config.validate_, run_id)
+
+
+STAGE_FLOWS = {
+    "ingest": ingest_flow,
+    "keyword": keyword_flow,
+    "download": download_flow,
+    "validate": validate_flow,
+}
+
+
+def _with_runner(stage: str, config: PipelineConfig):
+    workers = config.runner.download_concurrency if stage == "download" else config.runner.shard_concurrency
+    return STAGE_FLOWS[stage].with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
+
+
+def publish_funnel(report: FunnelReport, workdir: str) -> None:
+    create_table_artifact(
+        key="pub11-funnel", table=funnel_table_rows(report), description="PUB11 funnel per stage and source"
+    )
+    create_markdown_artifact(
+        key="pub11-summary", markdown=funnel_markdown(report, workdir), description="PUB11 run summary"
+    )
+
+
+@flow(name="pub11", log_prints=True)
+def pub11_flow(config: PipelineConfig, stages: list[str] | None = None):
+    """The PUB11 pipeline: ingest -> keyword -> download -> validate (or the listed stages, in order)."""
+    layout, run_id = Layout(config.workdir), _run_id(None)
+    selected = [s for s in STAGE_ORDER if stages is None or s in stages]
+    record: dict[str, Any] = {
+        "started_at": now(),
+        "stages": selected,
+        "config": config.model_dump(mode="json"),
+    }
+    write_run_record(layout, run_id, {**record, "status": "running"})
+    results = []
+    try:
+        for stage in selected:
+            results.append(_with_runner(stage, config)(config=config, run_id=run_id))
+    except Exception as error:
+        write_run_record(
+            layout, run_id, {**record, "status": "failed", "error": str(error), "results": results}
+        )
+        raise
+    report = load_funnel(layout)
+    publish_funnel(report, str(layout.root))
+    print(funnel_markdown(report, str(layout.root)))
+    failed_sources = report.failed_sources
+    status = "failed" if failed_sources else "completed"
+    write_run_record(layout, run_id, {**record, "status": status, "finished_at": now(), "results": results})
+    if failed_sources:
+        return Failed(
+            message="sources failed and were skipped (the others completed): "
+            + "; ".join(f"{name}: {error}" for name, error in sorted(failed_sources.items()))
+        )
+    return results

@@ -1,0 +1,164 @@
+"""The funnel per source in pipeline order, read from the DuckDB catalog (read-only, so it works while a
+run is going), as text, JSON, Markdown and Prefect table rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from storage.catalog import COMPLETE, open_catalog
+from storage.layout import Layout
+from storage.markers import read_manifest
+from tasks.pipeline import PUB11_STAGES, StageInfo
+
+SourceCounts = dict[str, Any]  # {"in": n, "kept": n, "dropped": {reason: n}}
+
+
+@dataclass(frozen=True)
+class StageFunnel:
+    info: StageInfo
+    status: str
+    sources: dict[str, SourceCounts] = field(default_factory=dict)
+
+    def measure(self, source: str) -> int:
+        counts = self.sources.get(source)
+        if counts is None:
+            return 0
+        if self.info.measure == "dropped":
+            return sum(counts["dropped"].values())
+        return counts[self.info.measure]
+
+
+@dataclass(frozen=True)
+class FunnelReport:
+    workdir: str
+    stages: list[StageFunnel]
+    failed_sources: dict[str, str]
+
+    @property
+    def complete(self) -> list[StageFunnel]:
+        return [s for s in self.stages if s.status == COMPLETE]
+
+    @property
+    def sources(self) -> list[str]:
+        names = {name for stage in self.complete for name in stage.sources}
+        return sorted(names)
+
+    def remain(self, source: str) -> int:
+        return self.complete[-1].sources.get(source, {}).get("kept", 0) if self.complete else 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "workdir": self.workdir,
+            "stages": [
+                {"stage": s.info.name, "rs5m_column": s.info.rs5m_column, "sources": s.sources}
+                for s in self.complete
+            ],
+            "incomplete": [
+                {"stage": s.info.name, "status": s.status} for s in self.stages if s.status != COMPLETE
+            ],
+            "remain": {name: self.remain(name) for name in self.sources},
+            "failed_sources": self.failed_sources,
+        }
+
+
+def load_funnel(layout: Layout) -> FunnelReport:
+    con = open_catalog(layout)
+    try:
+        status = dict(con.sql("SELECT stage, status FROM stages").fetchall())
+        rows = con.sql("SELECT stage, source, fate, reason, n FROM funnel").fetchall()
+    finally:
+        con.close()
+    per_stage: dict[str, dict[str, SourceCounts]] = {}
+    for stage, source, fate, reason, n in rows:
+        counts = per_stage.setdefault(stage, {}).setdefault(source, {"in": 0, "kept": 0, "dropped": {}})
+        counts["in"] += n
+        if fate == "kept":
+            counts["kept"] += n
+        else:
+            counts["dropped"][reason] = counts["dropped"].get(reason, 0) + n
+    stages = [
+        StageFunnel(info, status.get(info.name, "not_run"), per_stage.get(info.name, {}))
+        for info in PUB11_STAGES
+    ]
+    complete = [s for s in stages if s.status == COMPLETE]
+    manifest = read_manifest(layout, complete[-1].info.name) if complete else None
+    return FunnelReport(str(layout.root), stages, manifest.failed_sources if manifest else {})
+
+
+def _matrix(report: FunnelReport) -> tuple[list[str], list[list[str]]]:
+    header = ["source", *(f"{s.info.rs5m_column} ({s.info.name})" for s in report.complete), "remain"]
+    rows = []
+    for name in [*report.sources, "total"]:
+        names = report.sources if name == "total" else [name]
+        row = [name]
+        row += [str(sum(stage.measure(n) for n in names)) for stage in report.complete]
+        row.append(str(sum(report.remain(n) for n in names)))
+        rows.append(row)
+    return header, rows
+
+
+def _reasons(counts: SourceCounts) -> str:
+    dropped = ", ".join(f"{reason} {n}" for reason, n in sorted(counts["dropped"].items()))
+    return dropped or "none dropped"
+
+
+def funnel_text(report: FunnelReport) -> str:
+    lines = [f"PUB11 funnel for {report.workdir}", ""]
+    if not report.complete:
+        lines.append("No stage has completed yet.")
+    else:
+        header, rows = _matrix(report)
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        for row in [header, *rows]:
+            lines.append(
+                "  ".join(
+                    cell.rjust(w) if i else cell.ljust(w)
+                    for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+                )
+            )
+        lines += [
+            "",
+            "Per stage (in -> kept; dropped by reason). RS5M column: what RS5M's PUB11 table reports for it.",
+        ]
+        for stage in report.complete:
+            lines.append(
+                f"  {stage.info.name} [RS5M: {stage.info.rs5m_column}, the {stage.info.measure} count]"
+            )
+            for name, counts in sorted(stage.sources.items()):
+                lines.append(f"    {name}: {counts['in']} -> {counts['kept']} ({_reasons(counts)})")
+    for stage in report.stages:
+        if stage.status != COMPLETE:
+            lines.append(f"  {stage.info.name}: {stage.status.replace('_', ' ')}")
+    for name, error in sorted(report.failed_sources.items()):
+        lines.append(f"  FAILED source {name}: {error}")
+    return "\n".join(lines)
+
+
+def funnel_markdown(report: FunnelReport, workdir: str) -> str:
+    lines = [f"# PUB11 funnel\n\nWork directory: `{workdir}`\n"]
+    if report.complete:
+        header, rows = _matrix(report)
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines.append("\nOutputs: `samples` and `ledger` views in `catalog.duckdb`; shards under `<stage>/data/`.")
+    for name, error in sorted(report.failed_sources.items()):
+        lines.append(f"\n**Failed source `{name}`**: {error}")
+    return "\n".join(lines)
+
+
+def funnel_table_rows(report: FunnelReport) -> list[dict[str, Any]]:
+    return [
+        {
+            "stage": stage.info.name,
+            "rs5m_column": stage.info.rs5m_column,
+            "source": name,
+            "in": counts["in"],
+            "kept": counts["kept"],
+            "dropped": sum(counts["dropped"].values()),
+            "reasons": _reasons(counts),
+        }
+        for stage in report.complete
+        for name, counts in sorted(stage.sources.items())
+    ]

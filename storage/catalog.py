@@ -1,0 +1,120 @@
+"""The DuckDB catalog: a small file of views over the Parquet that the stages wrote. It holds no data.
+
+Views (rebuilt after every stage; readers open the file read-only and briefly, so `rs5m report` works
+while a run is going):
+  stages   stage, position, rs5m_column, status (complete | stale | running | not_run)
+  ledger   every fate of every complete, current stage
+  funnel   stage, position, source, fate, reason, n
+  samples  the survivors of the furthest complete, current stage
+  <stage>  the survivors of each complete, current stage (ingest, keyword, ...)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+from storage.atomic import atomic_path
+from storage.layout import Layout
+from storage.markers import Manifest, manifest_identity, read_manifest
+
+COMPLETE, STALE, RUNNING, NOT_RUN = "complete", "stale", "running", "not_run"
+
+
+@dataclass(frozen=True)
+class StageState:
+    stage: str
+    status: str
+    manifest: Manifest | None
+
+
+def stage_states(layout: Layout, stage_order: Sequence[str]) -> list[StageState]:
+    """Each stage's status, derived from the manifests: a stage is current only if it was built on the
+    upstream manifest that exists now, and every stage before it is current."""
+    states: list[StageState] = []
+    upstream_current, upstream_identity_now = True, None
+    for stage in stage_order:
+        manifest = read_manifest(layout, stage)
+        if manifest is None:
+            has_markers = any((layout.stage_dir(stage) / "markers").glob("*.json"))
+            status = RUNNING if has_markers and upstream_current else NOT_RUN
+        elif upstream_current and manifest.upstream_identity == upstream_identity_now:
+            status = COMPLETE
+        else:
+            status = STALE
+        states.append(StageState(stage, status, manifest))
+        upstream_current = status == COMPLETE
+        upstream_identity_now = manifest_identity(layout, stage)
+    return states
+
+
+def _sql_list(paths: Sequence[Path]) -> str:
+    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+
+
+def _view_statements(layout: Layout, states: list[StageState], stage_columns: dict[str, str]) -> list[str]:
+    statements = []
+    rows = ", ".join(
+        f"('{s.stage}', {i}, '{stage_columns.get(s.stage, '')}', '{s.status}')" for i, s in enumerate(states)
+    )
+    statements.append(
+        f"CREATE VIEW stages AS SELECT * FROM (VALUES {rows}) t(stage, position, rs5m_column, status)"
+    )
+    complete = [s for s in states if s.status == COMPLETE and s.manifest is not None]
+    ledger_files = [layout.ledger(s.stage, shard) for s in complete for shard in sorted(s.manifest.shards)]
+    if ledger_files:
+        statements.append(f"CREATE VIEW ledger AS SELECT * FROM read_parquet({_sql_list(ledger_files)})")
+    else:  # an empty view with the right columns keeps every query valid before the first stage ends
+        statements.append(
+            "CREATE VIEW ledger AS SELECT * FROM (SELECT NULL::VARCHAR run_id, NULL::VARCHAR sample_id, "
+            "NULL::VARCHAR source, NULL::VARCHAR stage, NULL::VARCHAR fate, NULL::VARCHAR reason, "
+            "NULL::VARCHAR detail, NULL::MAP(VARCHAR, DOUBLE) scores, NULL::VARCHAR group_id, "
+            "NULL::VARCHAR kept_sample_id, NULL::VARCHAR config_hash) WHERE false"
+        )
+    statements.append(
+        "CREATE VIEW funnel AS SELECT l.stage, s.position, l.source, l.fate, l.reason, count(*) AS n "
+        "FROM ledger l JOIN stages s USING (stage) GROUP BY ALL ORDER BY s.position, l.source, l.fate, l.reason"
+    )
+    for state in complete:
+        data_files = [layout.data(state.stage, shard) for shard in sorted(state.manifest.shards)]
+        if data_files:
+            statements.append(
+                f'CREATE VIEW "{state.stage}" AS SELECT * FROM read_parquet({_sql_list(data_files)}, '
+                "union_by_name = true)"
+            )
+    if complete and complete[-1].manifest.shards:
+        statements.append(f'CREATE VIEW samples AS SELECT * FROM "{complete[-1].stage}"')
+    return statements
+
+
+def refresh_catalog(layout: Layout, stage_order: Sequence[str], stage_columns: dict[str, str]) -> Path:
+    """Rebuild the catalog beside the old one and swap it in, so a reader never sees it half-built."""
+    states = stage_states(layout, stage_order)
+    with atomic_path(layout.catalog) as tmp:
+        tmp.unlink()  # DuckDB refuses to open an empty non-database file
+        con = duckdb.connect(str(tmp))
+        try:
+            for statement in _view_statements(layout, states, stage_columns):
+                con.execute(statement)
+        finally:
+            con.close()
+        Path(f"{tmp}.wal").unlink(missing_ok=True)
+    return layout.catalog
+
+
+def open_catalog(layout: Layout, attempts: int = 20) -> duckdb.DuckDBPyConnection:
+    """Open the catalog read-only; a swap in progress is retried briefly."""
+    if not layout.catalog.exists():
+        raise FileNotFoundError(f"no catalog in {layout.root}: has a run started there?")
+    for attempt in range(attempts):
+        try:
+            return duckdb.connect(str(layout.catalog), read_only=True)
+        except duckdb.IOException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")

@@ -1,0 +1,60 @@
+"""Where everything lives under a work directory. Every path the pipeline reads or writes comes from here.
+
+WORKDIR/
+  catalog.duckdb                     DuckDB views over the Parquet below (no tables)
+  runs/<run_id>.json                 one record per run: config, stages, outcome
+  <stage>/data/<shard_id>.parquet    the stage's survivors, the next stage's input
+  <stage>/ledger/<shard_id>.parquet  one fate per sample that entered the stage
+  <stage>/markers/<unit>.json        completion marker of a shard (ingest: of a source)
+  <stage>/manifest.json              written once every shard of the stage is done
+  <stage>/scratch/<shard_id>/        working space of an unfinished shard (download), wiped on reuse
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).resolve())
+
+    @property
+    def catalog(self) -> Path:
+        return self.root / "catalog.duckdb"
+
+    def run_record(self, run_id: str) -> Path:
+        return self.root / "runs" / f"{run_id}.json"
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def data(self, stage: str, shard_id: str) -> Path:
+        return self.stage_dir(stage) / "data" / f"{shard_id}.parquet"
+
+    def ledger(self, stage: str, shard_id: str) -> Path:
+        return self.stage_dir(stage) / "ledger" / f"{shard_id}.parquet"
+
+    def marker(self, stage: str, unit: str) -> Path:
+        return self.stage_dir(stage) / "markers" / f"{unit}.json"
+
+    def manifest(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "manifest.json"
+
+    def fresh_scratch(self, stage: str, shard_id: str) -> Path:
+        """An empty working folder for one shard; whatever a killed attempt left there is removed first."""
+        path = self.stage_dir(stage) / "scratch" / shard_id
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
+
+    def remove_scratch(self, stage: str, shard_id: str) -> None:
+        shutil.rmtree(self.stage_dir(stage) / "scratch" / shard_id, ignore_errors=True)
+
+    def demo_sources(self) -> Path:
+        return self.root / "demo_sources"

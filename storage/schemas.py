@@ -1,0 +1,60 @@
+"""Parquet schemas shared by every stage: the ledger and the shard tables each stage hands to the next."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+KEPT = "kept"
+DROPPED = "dropped"
+
+# One row per (sample, stage): the fate of every sample that entered that stage.
+LEDGER_SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("fate", pa.string(), nullable=False),
+        pa.field("reason", pa.string()),
+        pa.field("detail", pa.string()),
+        pa.field("scores", pa.map_(pa.string(), pa.float64())),
+        pa.field("group_id", pa.string()),
+        pa.field("kept_sample_id", pa.string()),
+        pa.field("config_hash", pa.string(), nullable=False),
+    ]
+)
+
+# What a stage function returns for its input samples; the harness adds run_id, stage and config_hash.
+DECISION_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("fate", pa.string(), nullable=False),
+        pa.field("reason", pa.string()),
+        pa.field("detail", pa.string()),
+        pa.field("scores", pa.map_(pa.string(), pa.float64())),
+        pa.field("group_id", pa.string()),
+        pa.field("kept_sample_id", pa.string()),
+    ]
+)
+
+# Columns every sample carries from ingest on. `extra` holds the source's other columns as a JSON object.
+SAMPLE_FIELDS = [
+    pa.field("sample_id", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("url", pa.string(), nullable=False),
+    pa.field("caption", pa.string()),
+    pa.field("extra", pa.string()),
+]
+INGEST_SCHEMA = pa.schema(SAMPLE_FIELDS)
+KEYWORD_SCHEMA = pa.schema([*SAMPLE_FIELDS, pa.field("matched_keyword", pa.string())])
+DOWNLOAD_SCHEMA = pa.schema([*KEYWORD_SCHEMA, pa.field("image", pa.binary())])
+VALIDATE_SCHEMA = pa.schema(
+    [
+        *DOWNLOAD_SCHEMA,
+        pa.field("sha256", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("image_format", pa.string()),
+    ]
+)

@@ -1,0 +1,50 @@
+"""Test environment: offline, isolated Prefect home, and shared fixtures (real data, a real Prefect server)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Set before anything imports prefect, albumentations or transformers: they read these at import time.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="rs5m-prefect-home-")
+os.environ.update(
+    {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "WANDB_MODE": "disabled",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_HOME": _PREFECT_HOME,
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+)
+os.environ.pop("PREFECT_API_URL", None)
+
+import pytest  # noqa: E402
+
+from tests.helpers import PrefectServer, free_port  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (real public data). CI always has it; elsewhere the tests that need it skip."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"../shared/data is absent ({SHARED_DATA}): this test needs the real public data")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real `prefect server start` on loopback for the whole session (not the test harness)."""
+    server = PrefectServer(port=free_port(), home=Path(_PREFECT_HOME) / "server")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

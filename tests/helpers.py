@@ -1,0 +1,63 @@
+"""Helpers shared by tests: free ports, a real Prefect server process, subprocess environments."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PrefectServer:
+    def __init__(self, port: int, home: Path) -> None:
+        self.port = port
+        self.home = home
+        self.api_url = f"http://127.0.0.1:{port}/api"
+        self.process: subprocess.Popen | None = None
+
+    def env(self) -> dict[str, str]:
+        """Environment for a process that should talk to this server."""
+        return {**os.environ, "PREFECT_API_URL": self.api_url}
+
+    def start(self, timeout_s: float = 120) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        log = open(self.home / "server.log", "wb")  # noqa: SIM115 - kept open for the process's lifetime
+        self.process = subprocess.Popen(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port), "--analytics-off"],
+            env={**os.environ, "PREFECT_HOME": str(self.home)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"prefect server exited early; see {self.home / 'server.log'}")
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"prefect server not healthy after {timeout_s} s; see {self.home / 'server.log'}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
