@@ -12,6 +12,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# Fields that change only how fast a stage runs, never what it outputs: left out of stage fingerprints.
+_SPEED_ONLY = {"affects_output": False}
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -56,8 +59,8 @@ class KeywordConfig(Strict):
 
 
 class DownloadConfig(Strict):
-    processes: int = Field(2, ge=1, description="img2dataset processes_count.")
-    threads: int = Field(16, ge=1, description="img2dataset thread_count.")
+    processes: int = Field(2, ge=1, description="img2dataset processes_count.", json_schema_extra=_SPEED_ONLY)
+    threads: int = Field(16, ge=1, description="img2dataset thread_count.", json_schema_extra=_SPEED_ONLY)
     timeout_s: float = Field(10.0, gt=0, description="Per-request timeout.")
     retries: int = Field(0, ge=0, description="img2dataset's own retries per URL.")
     user_agent_token: str | None = None
@@ -69,7 +72,10 @@ class DownloadConfig(Strict):
 class ValidateConfig(Strict):
     min_side: int = Field(32, ge=1, description="Drop images whose shorter side is below this (too_small).")
     max_pixels: int = Field(
-        89_478_485, ge=1, description="Refuse images above this many pixels before decoding (too_large)."
+        89_478_485,
+        ge=1,
+        le=178_956_970,  # PIL refuses anything above twice its own default limit before we see the size
+        description="Refuse images above this many pixels before decoding (too_large).",
     )
     max_side: int = Field(20_000, ge=1, description="Refuse images with a side above this before decoding.")
 

@@ -48,7 +48,8 @@ SAMPLE_FIELDS = [
 ]
 INGEST_SCHEMA = pa.schema(SAMPLE_FIELDS)
 KEYWORD_SCHEMA = pa.schema([*SAMPLE_FIELDS, pa.field("matched_keyword", pa.string())])
-DOWNLOAD_SCHEMA = pa.schema([*KEYWORD_SCHEMA, pa.field("image", pa.binary())])
+# large_binary: a shard of thousands of images can pass the 2 GiB that 32-bit offsets allow
+DOWNLOAD_SCHEMA = pa.schema([*KEYWORD_SCHEMA, pa.field("image", pa.large_binary())])
 VALIDATE_SCHEMA = pa.schema(
     [
         *DOWNLOAD_SCHEMA,

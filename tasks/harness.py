@@ -119,7 +119,10 @@ def run_shard(
     if marker_is_current(marker, fingerprint, inputs):
         return ShardSummary(stage, shard_id, skipped=True, counts=marker.counts[shard_id])
     table = pq.read_table(layout.data(upstream, shard_id))
-    outcome = process(table, layout.fresh_scratch(stage, shard_id)) if needs_scratch else process(table)
+    if needs_scratch:
+        outcome = process(table, scratch_dir=layout.fresh_scratch(stage, shard_id))
+    else:
+        outcome = process(table)
     check_outcome(table, outcome)
     sha, counts = commit_shard(layout, stage, shard_id, outcome, schema, run_id, fingerprint)
     write_marker(
@@ -153,7 +156,9 @@ def complete_stage(
     inherited = read_manifest(layout, upstream).failed_sources if upstream else {}
     manifest = Manifest(
         stage=stage,
-        fingerprint=hashlib.sha256(json.dumps(sorted(set(unit_fingerprints.values()))).encode()).hexdigest()[:16],
+        fingerprint=hashlib.sha256(json.dumps(sorted(set(unit_fingerprints.values()))).encode()).hexdigest()[
+            :16
+        ],
         upstream_identity=manifest_identity(layout, upstream) if upstream else None,
         shards=dict(sorted(shards.items())),
         counts=dict(sorted(counts.items())),

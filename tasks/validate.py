@@ -13,6 +13,7 @@ programs (EPS runs Ghostscript), which untrusted web content must not reach.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import struct
@@ -21,9 +22,13 @@ from typing import NamedTuple
 
 import pyarrow as pa
 from PIL import Image, ImageFile
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from rs5m.config import ValidateConfig
+from storage.layout import Layout
 from storage.schemas import DOWNLOAD_SCHEMA, VALIDATE_SCHEMA
+from tasks.harness import ShardStage, ShardSummary
 from tasks.stage import ShardOutcome, split_by_reason
 
 REASONS = {
@@ -135,3 +140,17 @@ def _riff_declared_length(data: bytes) -> int | None:
 
 def _message(error: Exception) -> str:
     return str(error) or type(error).__name__
+
+
+VALIDATE = ShardStage(
+    name="validate",
+    upstream="download",
+    schema=VALIDATE_SCHEMA,
+    reasons=REASONS,
+    make_processor=lambda config: functools.partial(validate_shard, config=config),
+)
+
+
+@task(name="validate-shard", task_run_name="validate-{shard_id}", cache_policy=NO_CACHE)
+def validate_task(workdir: str, shard_id: str, config: ValidateConfig, run_id: str) -> ShardSummary:
+    return VALIDATE.run(Layout(workdir), shard_id, config, run_id)

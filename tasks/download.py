@@ -1,0 +1,310 @@
+"""download: fetch every sample's image with img2dataset and keep the original bytes, unchanged.
+
+One img2dataset run per input shard, written as one img2dataset parquet shard inside a scratch directory
+the caller owns. Reencoding is disabled, so nothing is decoded or resized here: a 200 response is kept
+whatever its body is (HTML, a truncated JPEG, nothing at all) and the validate stage decodes and drops it.
+img2dataset then reports no width/height, so none are carried. It honours X-Robots-Tag opt-outs (noai,
+noimageai, noindex, noimageindex) by default; those rows are download_error.
+
+Each call costs ~4 s before the first request: img2dataset spawns a worker and a logger process, and each
+imports img2dataset (which imports torch). One img2dataset shard is worked on by one process with
+`config.threads` threads, so `config.processes` is not used: a second process would only add start-up.
+
+URL safety (`url_block_reason`) refuses, before any request, URLs whose scheme is not http(s) and, unless
+`allow_private_networks` is set, URLs whose host is literally `localhost` or a non-public IP address in
+any form the resolver accepts (dotted, integer, octal, hex, short forms such as 127.1, IPv6 including
+IPv4-mapped and 6to4, percent-encoded or full-width digits). The host is checked both as
+`urllib.parse.urlsplit` reads it and as urllib, which img2dataset uses, will connect to it.
+
+Not covered (the check reads the URL only, never the network):
+- DNS names that resolve to private addresses (`internal.example.com -> 10.0.0.5`), including DNS
+  rebinding. Resolving here would be neither deterministic nor sufficient, as urllib resolves again.
+- Redirects: urllib follows up to 10 of them inside img2dataset's worker processes, to any host, and
+  to ftp:// too; a public URL can redirect to http://127.0.0.1/.
+Deployments that fetch untrusted URLs next to private services need an egress control that sees every
+connection: a firewall on the download host or a filtering proxy (urllib honours http_proxy/https_proxy).
+"""
+
+from __future__ import annotations
+
+import functools
+import http.client
+import importlib
+import ipaddress
+import math
+import signal
+import types
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from rs5m.config import DownloadConfig
+from storage.atomic import write_parquet
+from storage.layout import Layout
+from storage.schemas import DOWNLOAD_SCHEMA, KEYWORD_SCHEMA
+from tasks.harness import ShardStage, ShardSummary
+from tasks.retry import retry_if_transient
+from tasks.stage import ShardOutcome, split_by_reason
+
+REASONS = {
+    "blocked_url": "refused before any request: not http(s), malformed, or a localhost/non-public IP host",
+    "http_error": "the server answered with an HTTP error status (404, 403, 500, ...)",
+    "timeout": "no complete answer within download.timeout_s",
+    "download_error": "any other failure: connection refused, DNS failure, X-Robots-Tag opt-out, ...",
+}
+
+ALLOWED_SCHEMES = ("http", "https")
+NOT_REPORTED = "img2dataset reported no result for this URL"
+IMAGE_COLUMN = "jpg"  # img2dataset's parquet writer names the bytes column after encode_format
+
+# The columns read back from img2dataset's parquet output: one row per URL it reported.
+RESULT_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("status", pa.string()),
+        ("error_message", pa.string()),
+        (IMAGE_COLUMN, pa.binary()),
+    ]
+)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def download_shard(table: pa.Table, config: DownloadConfig, scratch_dir: Path) -> ShardOutcome:
+    """Download a KEYWORD_SCHEMA shard; survivors come back in DOWNLOAD_SCHEMA, in input order.
+
+    `scratch_dir` must exist and be empty; img2dataset's url list and output go there and the caller
+    deletes it. Raises when img2dataset produced no output at all (an environment problem).
+    """
+    sample_ids = table.column("sample_id")
+    if pc.count_distinct(sample_ids).as_py() != table.num_rows:
+        raise ValueError("duplicate sample_id in the download input: results are joined by sample_id")
+    block_details = [
+        url_block_reason(url, config.allow_private_networks) for url in table.column("url").to_pylist()
+    ]
+    to_fetch = [row for row, detail in enumerate(block_details) if detail is None]
+    if to_fetch:
+        results = _run_img2dataset(
+            table.take(to_fetch).select(["sample_id", "url"]), config, Path(scratch_dir)
+        )
+    else:
+        results = RESULT_SCHEMA.empty_table()
+
+    # Row i of the input <- its img2dataset row; null where img2dataset wrote none (or it was blocked).
+    result_rows = pc.index_in(sample_ids, value_set=results.column("sample_id"))
+    statuses = results.column("status").take(result_rows).to_pylist()
+    messages = results.column("error_message").take(result_rows).to_pylist()
+    reasons: list[str | None] = []
+    details: list[str | None] = []
+    for block_detail, status, message in zip(block_details, statuses, messages, strict=True):
+        if block_detail is not None:
+            reasons.append("blocked_url")
+            details.append(block_detail)
+        elif status is None:
+            reasons.append("download_error")
+            details.append(NOT_REPORTED)
+        elif status == "success":
+            reasons.append(None)
+            details.append(None)
+        else:
+            detail = message or f"img2dataset status {status} without an error message"
+            reasons.append(failure_reason(detail))
+            details.append(detail)
+
+    reason_array = pa.array(reasons, pa.string())
+    outcome = split_by_reason(table, reason_array, pa.array(details, pa.string()))
+    images = results.column(IMAGE_COLUMN).take(result_rows).filter(pc.is_null(reason_array))
+    survivors = outcome.kept.select(KEYWORD_SCHEMA.names)
+    kept = pa.Table.from_arrays([*survivors.columns, images.cast(pa.large_binary())], schema=DOWNLOAD_SCHEMA)
+    return ShardOutcome(kept=kept, decisions=outcome.decisions)
+
+
+def failure_reason(error_message: str) -> str:
+    """Map one of img2dataset's error messages (urllib's exception text) to a reason."""
+    if error_message.startswith("HTTP Error "):  # urllib.error.HTTPError: "HTTP Error 404: Not Found"
+        return "http_error"
+    if (
+        "timed out" in error_message.lower()
+    ):  # "timed out", "<urlopen error timed out>", "The read operation..."
+        return "timeout"
+    return "download_error"
+
+
+def _run_img2dataset(requests: pa.Table, config: DownloadConfig, scratch_dir: Path) -> pa.Table:
+    """One img2dataset run over `requests` (sample_id, url); its per-URL rows (sample_id, status, ...)."""
+    if any(scratch_dir.iterdir()):
+        # img2dataset skips shards it finds already done in its output folder: stale results would be read.
+        raise ValueError(f"scratch directory {scratch_dir} is not empty")
+    url_list = scratch_dir / "urls.parquet"
+    output_folder = scratch_dir / "img2dataset"
+    write_parquet(url_list, requests)
+    _img2dataset_download()(
+        url_list=str(url_list),
+        input_format="parquet",
+        url_col="url",
+        save_additional_columns=["sample_id"],
+        output_folder=str(output_folder),
+        output_format="parquet",
+        # img2dataset gives each of its shards to one process: split ours so every process has work.
+        number_sample_per_shard=math.ceil(requests.num_rows / config.processes),
+        processes_count=config.processes,
+        thread_count=config.threads,
+        timeout=config.timeout_s,
+        retries=config.retries,
+        user_agent_token=config.user_agent_token,
+        disable_all_reencoding=True,
+        encode_format=IMAGE_COLUMN,
+        extract_exif=False,
+        compute_hash=None,  # validate hashes the bytes it keeps
+        enable_wandb=False,
+        distributor="multiprocessing",
+    )
+    outputs = sorted(output_folder.glob("*.parquet"))
+    if not outputs:
+        raise RuntimeError(f"img2dataset wrote no output for {requests.num_rows} URLs (see its log above)")
+    return pa.concat_tables(pq.read_table(path, columns=RESULT_SCHEMA.names) for path in outputs)
+
+
+# img2dataset.download installs a SIGINT handler (delete its temp folder, then sys.exit(0)). That raises
+# outside the main thread, where Prefect runs tasks, and would turn Ctrl-C on a whole run into exit code 0.
+_NO_SIGNAL_HANDLERS = types.SimpleNamespace(SIGINT=signal.SIGINT, signal=lambda signalnum, handler: None)
+
+
+def _img2dataset_download() -> Callable[..., None]:
+    """img2dataset.download (imported on first use: the import is slow), callable from any thread."""
+    main = importlib.import_module("img2dataset.main")  # `img2dataset.main` the attribute is a function
+    main.signal = _NO_SIGNAL_HANDLERS
+    return main.download
+
+
+def url_block_reason(url: str, allow_private: bool) -> str | None:
+    """Why `url` must not be fetched, or None. Reads the URL only: no DNS, no network (see module doc)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port urllib could not use either
+    except ValueError as error:
+        return f"malformed URL: {error}"
+    if parts.scheme not in ALLOWED_SCHEMES:
+        return f"scheme {parts.scheme!r} is not http or https" if parts.scheme else "URL has no scheme"
+    try:
+        # The host urllib connects to: it unquotes the whole authority, then http.client strips the port.
+        connect_host = http.client.HTTPConnection(urllib.request.Request(url).host).host
+    except (ValueError, http.client.InvalidURL) as error:
+        return f"malformed URL: {error}"
+    if not parts.hostname or not connect_host:
+        return "URL has no host"
+    if allow_private:
+        return None
+    for host in dict.fromkeys([parts.hostname, connect_host]):
+        reason = _host_block_reason(host)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _host_block_reason(raw_host: str) -> str | None:
+    host = urllib.parse.unquote(raw_host).lower()
+    if not host.isascii():
+        # getaddrinfo gets the IDNA form: full-width digits and dots become ASCII, zero-width characters
+        # vanish (１２７.０.０.１ -> 127.0.0.1). Spaces and control characters never get here: http.client refuses them.
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            return f"host {raw_host!r} is not a valid internationalised domain name"
+    host = host.rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return f"host {raw_host!r} is localhost"
+    address = _parse_ip(host)
+    kind = _non_public_kind(address) if address is not None else None
+    if kind is not None:
+        return f"host {raw_host!r} is a non-public address ({kind}: {address})"
+    return None
+
+
+def _parse_ip(host: str) -> IPAddress | None:
+    """The address a resolver reads `host` as, if it is a literal: standard IPv4/IPv6, or inet_aton forms."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return _parse_inet_aton(host)
+
+
+def _parse_inet_aton(host: str) -> ipaddress.IPv4Address | None:
+    """IPv4 as inet_aton (and so getaddrinfo) reads it: 1-4 parts, each decimal, 0-octal or 0x-hex,
+    the last part filling the remaining bytes (127.1, 2130706433, 0x7f.1, 017700000001)."""
+    parts = host.split(".")
+    if not 1 <= len(parts) <= 4:
+        return None
+    values = [_inet_aton_number(part) for part in parts]
+    if any(value is None for value in values):
+        return None
+    *head, last = values
+    if any(value > 255 for value in head) or last >= 256 ** (4 - len(head)):
+        return None
+    number = last
+    for position, value in enumerate(head):
+        number += value << (24 - 8 * position)
+    return ipaddress.IPv4Address(number)
+
+
+def _inet_aton_number(part: str) -> int | None:
+    if part.startswith("0x"):
+        digits, base = part[2:] or "0", 16
+    elif part.startswith("0"):
+        digits, base = part, 8
+    else:
+        digits, base = part, 10
+    if not digits.isascii() or not digits.isalnum():
+        return None
+    try:
+        return int(digits, base)
+    except ValueError:
+        return None
+
+
+def _non_public_kind(address: IPAddress) -> str | None:
+    """What makes `address` non-public ("loopback", "private", ...), or None for a global unicast address."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour
+        embedded_kind = _non_public_kind(embedded) if embedded is not None else None
+        if embedded_kind is not None:
+            return f"{embedded_kind} (embedded IPv4)"
+    kinds = (
+        ("unspecified", address.is_unspecified),
+        ("loopback", address.is_loopback),
+        ("link-local", address.is_link_local),
+        ("multicast", address.is_multicast),
+        ("private", address.is_private),
+        ("reserved", address.is_reserved),
+        ("non-global", not address.is_global),
+    )
+    return next((kind for kind, applies in kinds if applies), None)
+
+
+DOWNLOAD = ShardStage(
+    name="download",
+    upstream="keyword",
+    schema=DOWNLOAD_SCHEMA,
+    reasons=REASONS,
+    make_processor=lambda config: functools.partial(download_shard, config=config),
+    needs_scratch=True,
+)
+
+
+@task(
+    name="download-shard",
+    task_run_name="download-{shard_id}",
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_if_transient,
+    cache_policy=NO_CACHE,
+)
+def download_task(workdir: str, shard_id: str, config: DownloadConfig, run_id: str) -> ShardSummary:
+    return DOWNLOAD.run(Layout(workdir), shard_id, config, run_id)
