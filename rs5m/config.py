@@ -137,8 +137,20 @@ def parse_config(
         update={
             "workdir": (base_dir / config.workdir).resolve(),
             "sources": [_resolve_source(s, base_dir) for s in config.sources],
+            "keyword": config.keyword.model_copy(
+                update={
+                    name: _resolve_list(getattr(config.keyword, name), base_dir)
+                    for name in ("keywords", "exclusions")
+                }
+            ),
         }
     )
+
+
+def _resolve_list(value: str, base_dir: Path) -> str:
+    """A keyword list given as a relative file path resolves against the config; a version name stays."""
+    candidate = base_dir / value
+    return str(candidate.resolve()) if not Path(value).is_absolute() and candidate.is_file() else value
 
 
 def _resolve_source(source: SourceConfig, base_dir: Path) -> SourceConfig:
