@@ -60,6 +60,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from rs5m.config import parse_config
     from rs5m.demo import DemoServer, write_demo_sources
+    from storage.atomic import write_text
     from storage.layout import Layout
 
     workdir = Path(args.workdir).resolve()
@@ -67,9 +68,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     data = yaml.safe_load(DEMO_CONFIG.read_text())
     data["workdir"] = str(workdir)
     config = parse_config(data, origin=str(DEMO_CONFIG), base_dir=workdir)
-    with DemoServer() as server:
+    with DemoServer(port=args.port) as server:
         print(f"demo corpus served at {server.base_url}")
         write_demo_sources(layout.demo_sources(), server.base_url)
+        # the resolved config, so single stages can be rerun by hand: rs5m run WORKDIR/demo-config.yaml
+        write_text(
+            layout.root / "demo-config.yaml", yaml.safe_dump(config.model_dump(mode="json", by_alias=True))
+        )
         code = run_pipeline(config, None)
     print(
         "\nThe demo's images are synthetic and its URLs are on loopback.\n"
@@ -102,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="build a synthetic corpus, serve it on loopback, run the pipeline"
     )
     demo.add_argument("--workdir", default="rs5m-demo", help="where the demo writes (default: ./rs5m-demo)")
+    demo.add_argument(
+        "--port", type=int, default=0, help="loopback port of the corpus server (default: any free port)"
+    )
     demo.set_defaults(handler=cmd_demo)
     return parser
 

@@ -1,0 +1,236 @@
+"""End to end: `rs5m demo` against a real Prefect server, the funnel it reports, the Prefect API's view of
+the run, a kill in the middle of a download shard, and stage reruns when a config section changes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from uuid import UUID
+
+import duckdb
+import pytest
+import yaml
+
+from rs5m.demo import expected_funnel
+from storage.layout import Layout
+from tests.helpers import BIN, free_port
+
+STAGES = ["ingest", "keyword", "download", "validate"]
+DEMO_TIMEOUT_S = 300
+
+
+def rs5m(*args: str, env: dict[str, str], timeout: float = DEMO_TIMEOUT_S) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [str(BIN / "rs5m"), *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+    return result
+
+
+@pytest.fixture(scope="session")
+def demo_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, prefect_server, demo_port) -> Path:
+    """One uninterrupted `rs5m demo` run; the reference for every test below."""
+    workdir = tmp_path_factory.mktemp("demo-reference")
+    result = rs5m("demo", "--workdir", str(workdir), "--port", str(demo_port), env=prefect_server.env())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "Outputs in" in result.stdout
+    return workdir
+
+
+def report_json(workdir: Path, env: dict[str, str] | None = None) -> dict:
+    result = rs5m("report", str(workdir), "--json", env=env or dict(os.environ), timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_demo_funnel_matches_the_corpus_design(demo_run: Path) -> None:
+    report = report_json(demo_run)
+    assert [s["stage"] for s in report["stages"]] == STAGES
+    assert report["incomplete"] == [] and report["failed_sources"] == {}
+    measured = {s["stage"]: s["sources"] for s in report["stages"]}
+    assert measured == expected_funnel()
+
+
+def test_funnel_invariants(demo_run: Path) -> None:
+    report = report_json(demo_run)
+    stages = report["stages"]
+    for stage in stages:
+        for counts in stage["sources"].values():
+            assert counts["in"] == counts["kept"] + sum(counts["dropped"].values())
+    for upstream, downstream in zip(stages, stages[1:], strict=False):
+        for name, counts in downstream["sources"].items():
+            assert counts["in"] == upstream["sources"][name]["kept"], (downstream["stage"], name)
+    sources = yaml.safe_load((demo_run / "demo-config.yaml").read_text())["sources"]
+    con = duckdb.connect()
+    for source in sources:
+        path = source["path"]
+        if source["format"] == "parquet":
+            rows = con.sql(f"SELECT count(*) FROM read_parquet('{path}')").fetchone()[0]
+        else:
+            rows = sum(1 for line in Path(path).read_text().splitlines() if line.strip())
+        assert stages[0]["sources"][source["name"]]["in"] == rows
+
+
+def test_every_sample_has_exactly_one_final_fate(demo_run: Path) -> None:
+    con = duckdb.connect(str(Layout(demo_run).catalog), read_only=True)
+    per_stage = con.sql(
+        "SELECT stage, count(*), count(DISTINCT sample_id) FROM ledger GROUP BY stage"
+    ).fetchall()
+    assert all(n == distinct for _, n, distinct in per_stage)
+    # the last stage a sample reached decides its fate: dropped there with a reason, or kept by the last stage
+    final = con.sql(
+        "SELECT sample_id, arg_max(fate, s.position) AS fate, arg_max(l.stage, s.position) AS last_stage "
+        "FROM ledger l JOIN stages s USING (stage) GROUP BY sample_id"
+    ).fetchall()
+    ingested = con.sql("SELECT count(*) FROM ledger WHERE stage = 'ingest'").fetchone()[0]
+    assert len(final) == ingested
+    kept = {sid for sid, fate, stage in final if fate == "kept"}
+    assert all(stage == "validate" for sid, fate, stage in final if fate == "kept")
+    assert kept == {row[0] for row in con.sql("SELECT sample_id FROM samples").fetchall()}
+    assert con.sql("SELECT count(*) FROM ledger WHERE fate = 'dropped' AND reason IS NULL").fetchone()[0] == 0
+
+
+def test_report_text_names_rs5m_columns(demo_run: Path) -> None:
+    result = rs5m("report", str(demo_run), env=dict(os.environ), timeout=60)
+    assert result.returncode == 0
+    for column in ("amount", "after RS keyword filtering", "downloaded", "invalid images removed", "remain"):
+        assert column in result.stdout
+    assert "laion_like" in result.stdout and "total" in result.stdout
+
+
+def test_prefect_api_shows_the_run_its_tasks_and_artifacts(demo_run: Path, prefect_server) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
+    )
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    (record,) = [json.loads(p.read_text()) for p in (demo_run / "runs").glob("*.json")]
+    parent_id = UUID(record["run_id"])
+    with (
+        temporary_settings({PREFECT_API_URL: prefect_server.api_url}),
+        get_client(sync_client=True) as client,
+    ):
+        parent = client.read_flow_run(parent_id)
+        assert parent.state.is_completed()
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id]))
+        )
+        flows = {client.read_flow(run.flow_id).name: run for run in children}
+        assert sorted(flows) == sorted(STAGES)
+        assert all(run.state.is_completed() for run in children)
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id for run in children])), limit=1000
+        )
+        assert task_runs and all(t.state.is_completed() for t in task_runs)
+        manifest = json.loads((demo_run / "keyword" / "manifest.json").read_text())
+        keyword_tasks = [t for t in task_runs if t.flow_run_id == flows["keyword"].id]
+        assert sorted(t.name for t in keyword_tasks) == sorted(f"keyword-{s}" for s in manifest["shards"])
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[parent_id]))
+        )
+    by_key = {a.key: a for a in artifacts}
+    assert {"pub11-funnel", "pub11-summary"} <= set(by_key)
+    table = by_key["pub11-funnel"].data
+    rows = json.loads(table) if isinstance(table, str) else table
+    kept = {(r["stage"], r["source"]): r["kept"] for r in rows}
+    report = report_json(demo_run)
+    assert kept == {(s["stage"], n): c["kept"] for s in report["stages"] for n, c in s["sources"].items()}
+    assert "PUB11 funnel" in by_key["pub11-summary"].data
+
+
+def canonical(workdir: Path) -> tuple[list, list]:
+    con = duckdb.connect(str(Layout(workdir).catalog), read_only=True)
+    ledger = con.sql("SELECT * EXCLUDE (run_id) FROM ledger ORDER BY stage, sample_id").fetchall()
+    samples = con.sql("SELECT * FROM samples ORDER BY sample_id").fetchall()
+    return ledger, samples
+
+
+def test_kill_mid_download_shard_then_rerun_matches_the_uninterrupted_run(
+    tmp_path: Path, demo_run: Path, prefect_server, demo_port: int
+) -> None:
+    workdir = tmp_path / "killed"
+    args = [str(BIN / "rs5m"), "demo", "--workdir", str(workdir), "--port", str(demo_port)]
+    process = subprocess.Popen(
+        args,
+        env=prefect_server.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    scratch = workdir / "download" / "scratch"
+    deadline = time.monotonic() + DEMO_TIMEOUT_S
+    try:
+        # wait until img2dataset is writing a shard: its scratch folder holds files, the shard has no marker
+        while time.monotonic() < deadline and process.poll() is None:
+            busy = [d for d in scratch.glob("*") if any(d.rglob("*.parquet"))] if scratch.exists() else []
+            if busy:
+                time.sleep(0.3)
+                break
+            time.sleep(0.1)
+        assert process.poll() is None, "the run ended before it could be killed mid-download"
+        assert busy, "no download shard was in progress before the deadline"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    killed_shard = busy[0].name
+    assert not (workdir / "download" / "markers" / f"{killed_shard}.json").exists()
+
+    result = rs5m("demo", "--workdir", str(workdir), "--port", str(demo_port), env=prefect_server.env())
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert canonical(workdir) == canonical(demo_run)
+
+
+def test_changing_a_stage_config_reruns_it_and_marks_later_stages_stale(
+    tmp_path: Path, demo_run: Path, prefect_server
+) -> None:
+    workdir = tmp_path / "rerun"
+    shutil.copytree(demo_run, workdir, ignore=shutil.ignore_patterns("catalog.duckdb*"))
+    config = yaml.safe_load((workdir / "demo-config.yaml").read_text())
+    config["workdir"] = str(workdir)
+    for source in config["sources"]:
+        source["path"] = str(workdir / "demo_sources" / Path(source["path"]).name)
+    empty_exclusions = tmp_path / "no-exclusions.txt"
+    empty_exclusions.write_text("# no exclusions: every keyword hit counts\n")
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(
+        yaml.safe_dump({**config, "keyword": {**config["keyword"], "exclusions": str(empty_exclusions)}})
+    )
+    original = tmp_path / "original.yaml"
+    original.write_text(yaml.safe_dump(config))
+    ingest_marker = (workdir / "ingest" / "markers" / "laion_like.json").read_text()
+
+    result = rs5m("run", str(changed), "--stages", "keyword", env=prefect_server.env())
+    assert result.returncode == 0, result.stderr[-5000:]
+    report = report_json(workdir)
+    assert {s["stage"]: s["status"] for s in report["incomplete"]} == {
+        "download": "stale",
+        "validate": "stale",
+    }
+    before = {s["stage"]: s["sources"] for s in report_json(demo_run)["stages"]}
+    after = {s["stage"]: s["sources"] for s in report["stages"]}
+    assert after["ingest"] == before["ingest"]
+    assert sum(c["kept"] for c in after["keyword"].values()) > sum(
+        c["kept"] for c in before["keyword"].values()
+    )
+    assert (workdir / "ingest" / "markers" / "laion_like.json").read_text() == ingest_marker
+
+    # back to the original keyword config: keyword reruns, and download/validate are current again untouched
+    result = rs5m("run", str(original), "--stages", "keyword", env=prefect_server.env())
+    assert result.returncode == 0, result.stderr[-5000:]
+    report = report_json(workdir)
+    assert report["incomplete"] == []
+    assert canonical(workdir)[1] == canonical(demo_run)[1]
