@@ -74,7 +74,7 @@ def test_funnel_invariants(demo_run: Path) -> None:
     for source in sources:
         path = source["path"]
         if source["format"] == "parquet":
-            rows = con.sql(f"SELECT count(*) FROM read_parquet('{path}')").fetchone()[0]
+            rows = con.sql(f"SELECT count(*) FROM read_parquet('{path}')").fetchall()[0][0]
         else:
             rows = sum(1 for line in Path(path).read_text().splitlines() if line.strip())
         assert stages[0]["sources"][source["name"]]["in"] == rows
@@ -91,12 +91,14 @@ def test_every_sample_has_exactly_one_final_fate(demo_run: Path) -> None:
         "SELECT sample_id, arg_max(fate, s.position) AS fate, arg_max(l.stage, s.position) AS last_stage "
         "FROM ledger l JOIN stages s USING (stage) GROUP BY sample_id"
     ).fetchall()
-    ingested = con.sql("SELECT count(*) FROM ledger WHERE stage = 'ingest'").fetchone()[0]
+    ingested = con.sql("SELECT count(*) FROM ledger WHERE stage = 'ingest'").fetchall()[0][0]
     assert len(final) == ingested
     kept = {sid for sid, fate, stage in final if fate == "kept"}
     assert all(stage == "validate" for sid, fate, stage in final if fate == "kept")
     assert kept == {row[0] for row in con.sql("SELECT sample_id FROM samples").fetchall()}
-    assert con.sql("SELECT count(*) FROM ledger WHERE fate = 'dropped' AND reason IS NULL").fetchone()[0] == 0
+    assert (
+        con.sql("SELECT count(*) FROM ledger WHERE fate = 'dropped' AND reason IS NULL").fetchall()[0][0] == 0
+    )
 
 
 def test_report_text_names_rs5m_columns(demo_run: Path) -> None:
@@ -133,7 +135,7 @@ def test_prefect_api_shows_the_run_its_tasks_and_artifacts(demo_run: Path, prefe
         assert sorted(flows) == sorted(STAGES)
         assert all(run.state.is_completed() for run in children)
         task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id for run in children])), limit=1000
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id for run in children])), limit=200
         )
         assert task_runs and all(t.state.is_completed() for t in task_runs)
         manifest = json.loads((demo_run / "keyword" / "manifest.json").read_text())
