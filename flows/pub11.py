@@ -39,6 +39,20 @@ def _refresh(layout: Layout) -> None:
     refresh_catalog(layout, STAGE_ORDER, RS5M_COLUMNS)
 
 
+def _collect(units: list[str], futures: Any) -> tuple[list[ShardSummary], dict[str, str]]:
+    """Wait for every unit's task; the summaries of those that completed, and unit -> error for the rest."""
+    futures.wait()
+    summaries: list[ShardSummary] = []
+    failed: dict[str, str] = {}
+    for unit, future in zip(units, futures, strict=True):
+        if future.state.is_completed():
+            summaries.append(future.result())
+        else:
+            failed[unit] = future.state.message or "failed"
+            get_run_logger().error("%s failed: %s", unit, failed[unit])
+    return summaries, failed
+
+
 def _stage_result(stage: str, summaries: list[ShardSummary], failed: dict[str, str]) -> dict[str, Any]:
     return {
         "stage": stage,
@@ -59,15 +73,7 @@ def ingest_flow(config: PipelineConfig, run_id: str | None = None) -> dict[str, 
         config=unmapped(config.ingest),
         run_id=unmapped(run_id),
     )
-    futures.wait()
-    summaries: list[ShardSummary] = []
-    failed: dict[str, str] = {}
-    for source, future in zip(config.sources, futures, strict=True):
-        if future.state.is_completed():
-            summaries.append(future.result())
-        else:
-            failed[source.name] = future.state.message or "failed"
-            get_run_logger().error("source %s failed: %s", source.name, failed[source.name])
+    summaries, failed = _collect([s.name for s in config.sources], futures)
     complete_stage(
         layout,
         stage="ingest",
@@ -100,14 +106,7 @@ def _run_shard_stage(stage: ShardStage, task: Any, config: PipelineConfig, secti
         config=unmapped(section),
         run_id=unmapped(run_id),
     )
-    futures.wait()
-    summaries: list[ShardSummary] = []
-    failed: dict[str, str] = {}
-    for shard_id, future in zip(shard_ids, futures, strict=True):
-        if future.state.is_completed():
-            summaries.append(future.result())
-        else:
-            failed[shard_id] = future.state.message or "failed"
+    summaries, failed = _collect(shard_ids, futures)
     if failed:
         _refresh(layout)
         raise StageFailed(

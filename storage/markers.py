@@ -112,7 +112,11 @@ def manifest_identity(layout: Layout, stage: str) -> str | None:
     manifest = read_manifest(layout, stage)
     if manifest is None:
         return None
-    content = {"fingerprint": manifest.fingerprint, "shards": manifest.shards, "failed": manifest.failed_sources}
+    content = {
+        "fingerprint": manifest.fingerprint,
+        "shards": manifest.shards,
+        "failed": manifest.failed_sources,
+    }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 

@@ -35,7 +35,16 @@ class PrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)
         log = open(self.home / "server.log", "wb")  # noqa: SIM115 - kept open for the process's lifetime
         self.process = subprocess.Popen(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port), "--analytics-off"],
+            [
+                str(BIN / "prefect"),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--analytics-off",
+            ],
             env={**os.environ, "PREFECT_HOME": str(self.home)},
             stdout=log,
             stderr=subprocess.STDOUT,

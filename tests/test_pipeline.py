@@ -176,6 +176,12 @@ def test_kill_mid_download_shard_then_rerun_matches_the_uninterrupted_run(
     scratch = workdir / "download" / "scratch"
     deadline = time.monotonic() + DEMO_TIMEOUT_S
     try:
+        # `rs5m report` reads the catalog while the run is going
+        while time.monotonic() < deadline and not (workdir / "keyword" / "manifest.json").exists():
+            time.sleep(0.1)
+        live = report_json(workdir)
+        assert [s["stage"] for s in live["stages"]][:2] == ["ingest", "keyword"]
+        assert process.poll() is None, "the run ended before the live report was read"
         # wait until img2dataset is writing a shard: its scratch folder holds files, the shard has no marker
         while time.monotonic() < deadline and process.poll() is None:
             busy = [d for d in scratch.glob("*") if any(d.rglob("*.parquet"))] if scratch.exists() else []
