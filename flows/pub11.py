@@ -90,7 +90,9 @@ def ingest_flow(config: PipelineConfig, run_id: str | None = None) -> dict[str, 
     return _stage_result("ingest", summaries, failed)
 
 
-def _run_shard_stage(stage: ShardStage, task: Any, config: PipelineConfig, section: Any, run_id: str | None):
+def _run_shard_stage(
+    stage: ShardStage, task: Any, config: PipelineConfig, run_id: str | None
+) -> dict[str, Any]:
     layout, run_id = Layout(config.workdir), _run_id(run_id)
     states = {s.stage: s.status for s in stage_states(layout, STAGE_ORDER)}
     if states[stage.upstream] != COMPLETE:
@@ -103,7 +105,7 @@ def _run_shard_stage(stage: ShardStage, task: Any, config: PipelineConfig, secti
     futures = task.map(
         workdir=unmapped(str(layout.root)),
         shard_id=shard_ids,
-        config=unmapped(section),
+        config=unmapped(config),
         run_id=unmapped(run_id),
     )
     summaries, failed = _collect(shard_ids, futures)
@@ -118,7 +120,7 @@ def _run_shard_stage(stage: ShardStage, task: Any, config: PipelineConfig, secti
         layout,
         stage=stage.name,
         upstream=stage.upstream,
-        unit_fingerprints=dict.fromkeys(shard_ids, stage.fingerprint(section)),
+        unit_fingerprints=dict.fromkeys(shard_ids, stage.fingerprint(config)),
         run_id=run_id,
     )
     _refresh(layout)
@@ -128,19 +130,19 @@ def _run_shard_stage(stage: ShardStage, task: Any, config: PipelineConfig, secti
 @flow(name="keyword", log_prints=True)
 def keyword_flow(config: PipelineConfig, run_id: str | None = None) -> dict[str, Any]:
     """RS keyword filter over every ingest shard."""
-    return _run_shard_stage(keyword.KEYWORD, keyword.keyword_task, config, config.keyword, run_id)
+    return _run_shard_stage(keyword.KEYWORD, keyword.keyword_task, config, run_id)
 
 
 @flow(name="download", log_prints=True)
 def download_flow(config: PipelineConfig, run_id: str | None = None) -> dict[str, Any]:
     """img2dataset over every keyword shard (each shard already runs processes x threads)."""
-    return _run_shard_stage(download.DOWNLOAD, download.download_task, config, config.download, run_id)
+    return _run_shard_stage(download.DOWNLOAD, download.download_task, config, run_id)
 
 
 @flow(name="validate", log_prints=True)
 def validate_flow(config: PipelineConfig, run_id: str | None = None) -> dict[str, Any]:
     """Header checks, then full decode, of every downloaded image."""
-    return _run_shard_stage(validate.VALIDATE, validate.validate_task, config, config.validate_, run_id)
+    return _run_shard_stage(validate.VALIDATE, validate.validate_task, config, run_id)
 
 
 STAGE_FLOWS = {

@@ -80,6 +80,80 @@ class ValidateConfig(Strict):
     max_side: int = Field(20_000, ge=1, description="Refuse images with a side above this before decoding.")
 
 
+class ClipConfig(Strict):
+    """The CLIP model every model-based stage uses (embed, filter prompts, decontamination)."""
+
+    model: str = Field(
+        "rs5m-tiny-vit",
+        description="open_clip model name (ViT-B-32, ...) or a config shipped in models/configs (rs5m-tiny-vit).",
+    )
+    pretrained: str | None = Field(
+        None,
+        description="open_clip pretrained tag (laion2b_s34b_b79k), or a local checkpoint file (GeoRSCLIP); "
+        "null: random weights from `seed` (tests and the offline demo: every score is noise).",
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = Field(0, description="Seed of the random initialisation when pretrained is null.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra=_SPEED_ONLY)
+    batch_size: int = Field(64, ge=1, json_schema_extra=_SPEED_ONLY)
+    num_workers: int = Field(
+        2, ge=0, description="CPU image decoding workers.", json_schema_extra=_SPEED_ONLY
+    )
+
+
+class FilterConfig(Strict):
+    clip_score_min: float = Field(
+        0.2, ge=-1, le=1, description="Keep if cosine(image, caption) >= this (inclusive)."
+    )
+    rs_score_min: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Keep if the probability that the image is remote sensing >= this (inclusive).",
+    )
+    rs_prompts: str = Field("rs-v1", description="Shipped prompt ensemble version or a path to one (JSON).")
+    detector: str | None = Field(
+        None, description="Name of a linear probe trained by `rs5m train-detector` in the work directory."
+    )
+
+
+class DedupConfig(Strict):
+    exact: bool = Field(True, description="Same normalised URL, or same sha256 of the original bytes.")
+    perceptual_max_distance: int | None = Field(
+        11,
+        ge=0,
+        le=32,
+        description="Hamming distance of the rotation/flip-invariant DCT hash; null disables.",
+    )
+    embedding_min_similarity: float | None = Field(
+        0.95, gt=0, le=1, description="Cosine of image embeddings; null disables."
+    )
+    embedding_backend: Literal["auto", "flat", "ivf", "torch"] = "auto"
+    embedding_k: int = Field(32, ge=1, le=64, description="Neighbours searched per sample.")
+
+
+class EvalSetConfig(Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
+    path: str = Field(description="A folder of evaluation images (searched recursively).")
+
+
+class DecontaminateConfig(Strict):
+    eval_sets: list[EvalSetConfig] = Field(default_factory=list)
+    perceptual_max_distance: int | None = Field(11, ge=0, le=32)
+    embedding_min_similarity: float | None = Field(0.95, gt=0, le=1)
+
+
+class ShardConfig(Strict):
+    rows_per_shard: int = Field(10_000, ge=1, description="Final Parquet shard size in rows.")
+    bytes_per_shard: int | None = Field(
+        None, ge=1, description="Also close a shard once its image bytes reach this."
+    )
+    val_fraction: float = Field(
+        0.01, ge=0, le=0.5, description="Share of samples in the val split (by hash)."
+    )
+    webdataset: bool = Field(False, description="Also export the same samples as WebDataset tar shards.")
+
+
 class RunnerConfig(Strict):
     shard_concurrency: int = Field(2, ge=1, description="Shards processed at once by CPU stages.")
     download_concurrency: int = Field(
@@ -94,6 +168,11 @@ class PipelineConfig(Strict):
     keyword: KeywordConfig = KeywordConfig()
     download: DownloadConfig = DownloadConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    clip: ClipConfig = ClipConfig()
+    filter: FilterConfig = FilterConfig()
+    dedup: DedupConfig = DedupConfig()
+    decontaminate: DecontaminateConfig = DecontaminateConfig()
+    shard: ShardConfig = ShardConfig()
     runner: RunnerConfig = RunnerConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -107,8 +186,9 @@ class PipelineConfig(Strict):
             raise ValueError(f"source names must be unique, repeated: {', '.join(duplicates)}")
         return sources
 
-    def source(self, name: str) -> SourceConfig:
-        return next(s for s in self.sources if s.name == name)
+    def section(self, name: str) -> BaseModel:
+        """A config section by its YAML name (`validate` is stored as `validate_`)."""
+        return getattr(self, "validate_" if name == "validate" else name)
 
 
 class ConfigError(ValueError):

@@ -8,6 +8,8 @@ WORKDIR/
   <stage>/markers/<unit>.json        completion marker of a shard (ingest: of a source)
   <stage>/manifest.json              written once every shard of the stage is done
   <stage>/scratch/<shard_id>/        working space of an unfinished shard (download), wiped on reuse
+  cache/eval/<name>-<key>.npz        an eval set's perceptual hashes and embeddings (decontaminate)
+  detectors/<name>.json              linear-probe RS detectors trained by `rs5m train-detector`
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ class Layout:
     def ledger(self, stage: str, shard_id: str) -> Path:
         return self.stage_dir(stage) / "ledger" / f"{shard_id}.parquet"
 
+    def array(self, stage: str, shard_id: str, name: str) -> Path:
+        return self.stage_dir(stage) / "arrays" / f"{shard_id}.{name}.npy"
+
     def marker(self, stage: str, unit: str) -> Path:
         return self.stage_dir(stage) / "markers" / f"{unit}.json"
 
@@ -55,6 +60,13 @@ class Layout:
 
     def remove_scratch(self, stage: str, shard_id: str) -> None:
         shutil.rmtree(self.stage_dir(stage) / "scratch" / shard_id, ignore_errors=True)
+
+    def detector(self, name: str) -> Path:
+        return self.root / "detectors" / f"{name}.json"
+
+    def eval_cache(self, name: str, key: str) -> Path:
+        """Cached index of eval set `name`; `key` hashes what it was computed from (model, files)."""
+        return self.root / "cache" / "eval" / f"{name}-{key}.npz"
 
     def demo_sources(self) -> Path:
         return self.root / "demo_sources"

@@ -20,7 +20,17 @@ from storage.atomic import write_json
 from storage.layout import Layout
 
 # Bump a stage's version when its code changes what it outputs: every shard of it reruns.
-STAGE_CODE_VERSIONS = {"ingest": "1", "keyword": "1", "download": "1", "validate": "1"}
+STAGE_CODE_VERSIONS = {
+    "ingest": "1",
+    "keyword": "1",
+    "download": "1",
+    "validate": "1",
+    "embed": "1",
+    "filter": "1",
+    "dedup": "1",
+    "decontaminate": "1",
+    "shard": "1",
+}
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
@@ -33,19 +43,33 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
 
 def output_fields(section: BaseModel) -> dict[str, Any]:
     """The config fields that can change a stage's output; fields marked `affects_output: False`
-    (processes, threads) are left out, so tuning them never reruns anything."""
-    values = section.model_dump(mode="json")
+    (processes, threads, batch sizes) are left out, so tuning them never reruns anything."""
+    values: dict[str, Any] = {}
     for name, info in type(section).model_fields.items():
         extra = info.json_schema_extra
         if isinstance(extra, dict) and extra.get("affects_output") is False:
-            values.pop(name, None)
+            continue
+        value = getattr(section, name)
+        values[name] = output_fields(value) if isinstance(value, BaseModel) else _plain(value)
     return values
 
 
-def stage_fingerprint(stage: str, section: BaseModel | None, identity: dict[str, str] | None = None) -> str:
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return output_fields(value)
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
+
+
+def stage_fingerprint(
+    stage: str, sections: dict[str, BaseModel], identity: dict[str, str] | None = None
+) -> str:
     payload = {
         "stage": stage,
-        "config": output_fields(section) if section is not None else {},
+        "config": {name: output_fields(section) for name, section in sorted(sections.items())},
         "identity": identity or {},
         "code_version": STAGE_CODE_VERSIONS[stage],
     }

@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from rs5m.config import DownloadConfig
+from rs5m.config import DownloadConfig, PipelineConfig
 from storage.atomic import write_parquet
 from storage.layout import Layout
 from storage.schemas import DOWNLOAD_SCHEMA, KEYWORD_SCHEMA
@@ -293,7 +293,8 @@ DOWNLOAD = ShardStage(
     upstream="keyword",
     schema=DOWNLOAD_SCHEMA,
     reasons=REASONS,
-    make_processor=lambda config: functools.partial(download_shard, config=config),
+    sections=("download",),
+    make_processor=lambda config: functools.partial(download_shard, config=config.download),
     needs_scratch=True,
 )
 
@@ -306,5 +307,5 @@ DOWNLOAD = ShardStage(
     retry_condition_fn=retry_if_transient,
     cache_policy=NO_CACHE,
 )
-def download_task(workdir: str, shard_id: str, config: DownloadConfig, run_id: str) -> ShardSummary:
+def download_task(workdir: str, shard_id: str, config: PipelineConfig, run_id: str) -> ShardSummary:
     return DOWNLOAD.run(Layout(workdir), shard_id, config, run_id)

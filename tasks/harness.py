@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Generic, TypeVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import BaseModel
 
+from rs5m.config import PipelineConfig
+from storage.arrays import read_arrays, write_arrays
 from storage.atomic import write_parquet
 from storage.layout import Layout
 from storage.ledger import ledger_rows
@@ -37,8 +38,6 @@ from storage.markers import (
     write_marker,
 )
 from tasks.stage import ShardOutcome
-
-SectionT = TypeVar("SectionT", bound=BaseModel)
 
 
 class StageInputError(RuntimeError):
@@ -87,6 +86,7 @@ def commit_shard(
 ) -> tuple[str, dict[str, int]]:
     """Write one shard's survivors and ledger atomically; returns (sha256 of the data file, counts)."""
     kept = outcome.kept.select(schema.names).cast(schema)
+    write_arrays(layout, stage, shard_id, outcome.arrays, rows=kept.num_rows)
     write_parquet(layout.data(stage, shard_id), kept)
     write_parquet(
         layout.ledger(stage, shard_id),
@@ -113,16 +113,19 @@ def run_shard(
     run_id: str,
     process: Callable[[pa.Table], ShardOutcome] | Callable[[pa.Table, Path], ShardOutcome],
     needs_scratch: bool = False,
+    upstream_arrays: tuple[str, ...] = (),
 ) -> ShardSummary:
     inputs = {"data": upstream_checksum(layout, upstream, shard_id)}
     marker = read_marker(layout, stage, shard_id)
     if marker_is_current(marker, fingerprint, inputs):
         return ShardSummary(stage, shard_id, skipped=True, counts=marker.counts[shard_id])
     table = pq.read_table(layout.data(upstream, shard_id))
+    extra: dict[str, object] = {}
     if needs_scratch:
-        outcome = process(table, scratch_dir=layout.fresh_scratch(stage, shard_id))
-    else:
-        outcome = process(table)
+        extra["scratch_dir"] = layout.fresh_scratch(stage, shard_id)
+    if upstream_arrays:
+        extra["arrays"] = read_arrays(layout, upstream, shard_id, upstream_arrays, rows=table.num_rows)
+    outcome = process(table, **extra)
     check_outcome(table, outcome)
     sha, counts = commit_shard(layout, stage, shard_id, outcome, schema, run_id, fingerprint)
     write_marker(
@@ -171,25 +174,30 @@ def complete_stage(
 
 
 @dataclass(frozen=True)
-class ShardStage(Generic[SectionT]):
+class ShardStage:
     """A stage that maps each upstream shard to one shard of its own.
 
-    `make_processor` turns the stage's config section into the pure per-shard function once per task
-    (compile a keyword list, load a model), so a shard only pays for its own data.
+    `sections` name the PipelineConfig sections whose output-affecting fields make up the stage's
+    fingerprint (with `identity`: list hashes, model identity). `make_processor` turns the config into the
+    pure per-shard function once per task (compile a keyword list, load a model), so a shard only pays for
+    its own data. `upstream_arrays` names the upstream's per-row arrays (embeddings) the function reads.
     """
 
     name: str
     upstream: str
     schema: pa.Schema
     reasons: dict[str, str]
-    make_processor: Callable[[SectionT], Callable[..., ShardOutcome]]
-    identity: Callable[[SectionT], dict[str, str]] = lambda _config: {}
+    sections: tuple[str, ...]
+    make_processor: Callable[[PipelineConfig], Callable[..., ShardOutcome]]
+    identity: Callable[[PipelineConfig], dict[str, str]] = lambda _config: {}
     needs_scratch: bool = False
+    upstream_arrays: tuple[str, ...] = ()
 
-    def fingerprint(self, config: SectionT) -> str:
-        return stage_fingerprint(self.name, config, self.identity(config))
+    def fingerprint(self, config: PipelineConfig) -> str:
+        sections = {name: config.section(name) for name in self.sections}
+        return stage_fingerprint(self.name, sections, self.identity(config))
 
-    def run(self, layout: Layout, shard_id: str, config: SectionT, run_id: str) -> ShardSummary:
+    def run(self, layout: Layout, shard_id: str, config: PipelineConfig, run_id: str) -> ShardSummary:
         return run_shard(
             layout,
             stage=self.name,
@@ -200,4 +208,80 @@ class ShardStage(Generic[SectionT]):
             run_id=run_id,
             process=self.make_processor(config),
             needs_scratch=self.needs_scratch,
+            upstream_arrays=self.upstream_arrays,
         )
+
+
+GLOBAL_UNIT = "_all"
+GlobalProcessor = Callable[[dict[str, pa.Table], dict[str, dict[str, np.ndarray]]], dict[str, ShardOutcome]]
+
+
+@dataclass(frozen=True)
+class GlobalStage:
+    """A stage that must see every upstream shard at once (dedup, the final dataset) but still writes one
+    output shard per upstream shard, so that per-shard stages can follow it.
+
+    Its single marker records every upstream shard's checksum: a new or changed shard reruns the whole
+    stage. `publish` (optional) writes what the stage makes besides its shards (the final dataset); it runs
+    after the shards are committed and before the marker, and what it returns goes into the marker.
+    """
+
+    name: str
+    upstream: str
+    schema: pa.Schema
+    reasons: dict[str, str]
+    sections: tuple[str, ...]
+    make_processor: Callable[[PipelineConfig], GlobalProcessor]
+    identity: Callable[[PipelineConfig], dict[str, str]] = lambda _config: {}
+    upstream_arrays: tuple[str, ...] = ()
+    publish: Callable[[Layout, PipelineConfig, dict[str, ShardOutcome]], dict] | None = None
+
+    def fingerprint(self, config: PipelineConfig) -> str:
+        sections = {name: config.section(name) for name in self.sections}
+        return stage_fingerprint(self.name, sections, self.identity(config))
+
+    def run(self, layout: Layout, config: PipelineConfig, run_id: str) -> ShardSummary:
+        upstream = read_manifest(layout, self.upstream)
+        if upstream is None:
+            raise StageInputError(f"stage {self.upstream!r} is not complete; run it first")
+        inputs = dict(upstream.shards)
+        fingerprint = self.fingerprint(config)
+        marker = read_marker(layout, self.name, GLOBAL_UNIT)
+        if marker_is_current(marker, fingerprint, inputs):
+            return ShardSummary(
+                self.name, GLOBAL_UNIT, skipped=True, counts=total_counts(marker.counts.values())
+            )
+        tables = {shard: pq.read_table(layout.data(self.upstream, shard)) for shard in inputs}
+        arrays = {
+            shard: read_arrays(layout, self.upstream, shard, self.upstream_arrays, rows=table.num_rows)
+            for shard, table in tables.items()
+        }
+        outcomes = self.make_processor(config)(tables, arrays)
+        if set(outcomes) != set(tables):
+            raise ShardContractError(
+                f"stage {self.name!r} returned shards {sorted(outcomes)} for {sorted(tables)}"
+            )
+        for shard, outcome in outcomes.items():
+            check_outcome(tables[shard], outcome)
+        outputs: dict[str, str] = {}
+        counts: dict[str, dict[str, int]] = {}
+        for shard in sorted(outcomes):
+            outputs[shard], counts[shard] = commit_shard(
+                layout, self.name, shard, outcomes[shard], self.schema, run_id, fingerprint
+            )
+        published = self.publish(layout, config, outcomes) if self.publish else {}
+        write_marker(
+            layout,
+            Marker(
+                self.name, GLOBAL_UNIT, fingerprint, inputs, outputs, counts, run_id, now(), extra=published
+            ),
+        )
+        return ShardSummary(self.name, GLOBAL_UNIT, skipped=False, counts=total_counts(counts.values()))
+
+
+def total_counts(per_shard: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for counts in per_shard:
+        for key, n in counts.items():
+            total[key] = total.get(key, 0) + n
+    return total

@@ -14,13 +14,14 @@ import glob
 import hashlib
 import io
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from prefect import task
@@ -30,7 +31,7 @@ from rs5m.config import IngestConfig, SourceConfig
 from storage.layout import Layout
 from storage.markers import Marker, marker_is_current, read_marker, stage_fingerprint, write_marker
 from storage.schemas import INGEST_SCHEMA
-from tasks.harness import ShardSummary, commit_shard, now
+from tasks.harness import ShardSummary, commit_shard, now, total_counts
 from tasks.retry import retry_if_transient
 from tasks.stage import ShardOutcome, decisions
 
@@ -41,6 +42,10 @@ REASONS = {
 }
 
 READ_BATCH_ROWS = 65_536
+# A source's rows before they are cut into shards: INGEST_SCHEMA plus what each row's decision needs.
+_ROWS_SCHEMA = pa.schema(
+    [pa.field(name, pa.string()) for name in [*INGEST_SCHEMA.names, "reason", "detail", "kept_sample_id"]]
+)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -79,6 +84,28 @@ def sample_id(source: str, url: str, caption: str | None) -> str:
         digest.update(part.encode("utf-8", "surrogatepass"))
         digest.update(b"\x1f")
     return digest.hexdigest()[:24]
+
+
+# URLs that normalise_url returns unchanged: lower-case http(s) scheme and ASCII host name (no userinfo, port
+# or brackets), a path, no fragment, a non-empty query or none, printable ASCII without spaces throughout.
+_NORMAL_URL = r"^https?://[a-z0-9._-]+/[\x21\x22\x24-\x3e\x40-\x7e]*(\?[\x21\x22\x24-\x7e]+)?$"
+
+
+def normalise_urls(raw: pa.Array) -> pa.Array:
+    """normalise_url over a string array. One RE2 pass finds the URLs that are normal already (nearly all
+    web URLs); only the others (upper case, ports, fragments, non-ASCII, invalid...) go through normalise_url."""
+    others = pc.invert(pc.fill_null(pc.match_substring_regex(raw, _NORMAL_URL), False))
+    if not pc.any(others).as_py():
+        return raw
+    normalised = [normalise_url(url) for url in raw.filter(others).to_pylist()]
+    return pc.replace_with_mask(raw, others, pa.array(normalised, pa.string()))
+
+
+def sample_ids(source: str, urls: pa.Array, captions: pa.Array) -> list[str]:
+    """sample_id of every row (`urls` has no nulls), as a list: the hashed bytes are joined by Arrow."""
+    payloads = pc.binary_join_element_wise(source, urls, pc.fill_null(captions, "\x00<null>"), "", "\x1f")
+    sha256 = hashlib.sha256
+    return [sha256(payload).hexdigest()[:24] for payload in payloads.cast(pa.binary()).to_pylist()]
 
 
 def source_files(source: SourceConfig) -> list[str]:
@@ -222,88 +249,100 @@ class SourceIngester:
 
     def shards(self) -> Iterator[ShardOutcome]:
         malformed: list[str] = []
-        pending: list[dict[str, Any]] = []
+        pending = _ROWS_SCHEMA.empty_table()
         for batch in read_source(self.source, malformed):
-            pending.extend(self._rows(batch))
-            pending.extend(self._malformed_rows(malformed))
+            pending = pa.concat_tables([pending, self._rows(batch), self._malformed_rows(malformed)])
             malformed.clear()
-            while len(pending) >= self.config.shard_rows:
-                yield self._outcome(pending[: self.config.shard_rows])
-                pending = pending[self.config.shard_rows :]
-        pending.extend(self._malformed_rows(malformed))
-        if pending or not self._seen:
+            while pending.num_rows >= self.config.shard_rows:
+                yield self._outcome(pending.slice(0, self.config.shard_rows))
+                pending = pending.slice(self.config.shard_rows)
+        pending = pa.concat_tables([pending, self._malformed_rows(malformed)])
+        if pending.num_rows or not self._seen:
             yield self._outcome(pending)
 
-    def _rows(self, batch: pa.Table) -> Iterator[dict[str, Any]]:
-        urls = batch.column(self.source.url_column).cast(pa.string()).to_pylist()
-        captions = batch.column(self.source.caption_column).cast(pa.string()).to_pylist()
-        extras = _extra_json(batch, {self.source.url_column, self.source.caption_column})
-        for raw_url, caption, extra in zip(urls, captions, extras, strict=True):
-            url = normalise_url(raw_url)
-            row = {
-                "url": url or (raw_url or ""),
-                "caption": caption,
-                "extra": extra,
-                "reason": None,
-                "detail": None,
-                "kept_sample_id": None,
-            }
-            identity = sample_id(self.source.name, row["url"], caption)
-            if url is None:
-                row["reason"], row["detail"] = "invalid_url", f"not an http(s) URL: {(raw_url or '')[:200]!r}"
-            repeats = self._seen.get(identity)
+    def _rows(self, batch: pa.Table) -> pa.Table:
+        raw_urls = batch.column(self.source.url_column).cast(pa.string()).combine_chunks()
+        captions = batch.column(self.source.caption_column).cast(pa.string()).combine_chunks()
+        normalised = normalise_urls(raw_urls)
+        urls = pc.coalesce(normalised, raw_urls, "")
+        ids = sample_ids(self.source.name, urls, captions)
+        n = len(ids)
+        reasons: list[str | None] = [None] * n
+        details: list[str | None] = [None] * n
+        kept_ids: list[str | None] = [None] * n
+        for row in pc.indices_nonzero(pc.is_null(normalised)).to_pylist():  # few rows
+            raw_url = raw_urls[row].as_py() or ""
+            reasons[row], details[row] = "invalid_url", f"not an http(s) URL: {raw_url[:200]!r}"
+        seen = self._seen
+        if len(set(ids)) == n and seen.keys().isdisjoint(ids):  # the usual batch: no repeats, no loop
+            seen.update(dict.fromkeys(ids, 0))
+            ids_to_check: list[str] = []
+        else:
+            ids_to_check = ids
+        for row, identity in enumerate(ids_to_check):
+            repeats = seen.get(identity)
             if repeats is None:
-                self._seen[identity] = 0
-                row["sample_id"] = identity
-            else:
-                self._seen[identity] = repeats + 1
-                row["sample_id"] = f"{identity}~dup{repeats + 1}"
-                if row["reason"] is None:
-                    row["reason"], row["kept_sample_id"] = "duplicate_row", identity
-                    row["detail"] = f"same as {identity}"
-            yield row
+                seen[identity] = 0
+                continue
+            seen[identity] = repeats + 1
+            ids[row] = f"{identity}~dup{repeats + 1}"
+            if reasons[row] is None:
+                reasons[row], kept_ids[row], details[row] = "duplicate_row", identity, f"same as {identity}"
+        extras = _extra_json(batch, {self.source.url_column, self.source.caption_column})
+        return pa.Table.from_arrays(
+            [
+                pa.array(ids, pa.string()),
+                pa.array([self.source.name] * n, pa.string()),
+                urls,
+                captions,
+                pa.array(extras, pa.string()),
+                pa.array(reasons, pa.string()),
+                pa.array(details, pa.string()),
+                pa.array(kept_ids, pa.string()),
+            ],
+            schema=_ROWS_SCHEMA,
+        )
 
-    def _malformed_rows(self, malformed: list[str]) -> Iterator[dict[str, Any]]:
+    def _malformed_rows(self, malformed: list[str]) -> pa.Table:
+        ids = []
         for message in malformed:
             identity = sample_id(self.source.name, "<malformed>", message)
             self._seen.setdefault(identity, 0)
-            yield {
-                "sample_id": identity,
-                "url": "",
-                "caption": None,
-                "extra": None,
-                "reason": "malformed_row",
-                "detail": message,
-                "kept_sample_id": None,
-            }
-
-    def _outcome(self, rows: list[dict[str, Any]]) -> ShardOutcome:
-        table = pa.table(
-            {
-                "sample_id": pa.array([r["sample_id"] for r in rows], pa.string()),
-                "source": pa.array([self.source.name] * len(rows), pa.string()),
-                "url": pa.array([r["url"] for r in rows], pa.string()),
-                "caption": pa.array([r["caption"] for r in rows], pa.string()),
-                "extra": pa.array([r["extra"] for r in rows], pa.string()),
-            }
+            ids.append(identity)
+        n = len(malformed)
+        return pa.Table.from_arrays(
+            [
+                pa.array(ids, pa.string()),
+                pa.array([self.source.name] * n, pa.string()),
+                pa.array([""] * n, pa.string()),
+                pa.nulls(n, pa.string()),
+                pa.nulls(n, pa.string()),
+                pa.array(["malformed_row"] * n, pa.string()),
+                pa.array(malformed, pa.string()),
+                pa.nulls(n, pa.string()),
+            ],
+            schema=_ROWS_SCHEMA,
         )
-        reasons = pa.array([r["reason"] for r in rows], pa.string())
-        keep = pa.array([r["reason"] is None for r in rows], pa.bool_())
+
+    def _outcome(self, rows: pa.Table) -> ShardOutcome:
+        rows = rows.combine_chunks()
         return ShardOutcome(
-            kept=table.filter(keep),
+            kept=rows.select(INGEST_SCHEMA.names).filter(pc.is_null(rows.column("reason"))),
             decisions=decisions(
-                table.column("sample_id"),
-                table.column("source"),
-                reasons,
-                [r["detail"] for r in rows],
-                kept_sample_ids=[r["kept_sample_id"] for r in rows],
+                rows.column("sample_id"),
+                rows.column("source"),
+                rows.column("reason"),
+                rows.column("detail"),
+                kept_sample_ids=rows.column("kept_sample_id"),
             ),
         )
 
 
 def ingest_fingerprint(config: IngestConfig, source: SourceConfig) -> str:
     """The path is left out: the input checksum covers the content, so moving a file reruns nothing."""
-    return stage_fingerprint("ingest", config, identity={"source": source.model_dump_json(exclude={"path"})})
+    return stage_fingerprint(
+        "ingest", {"ingest": config}, identity={"source": source.model_dump_json(exclude={"path"})}
+    )
 
 
 def ingest_source_shards(
@@ -318,7 +357,7 @@ def ingest_source_shards(
         read_marker(layout, "ingest", source.name), fingerprint, inputs
     ):
         marker = read_marker(layout, "ingest", source.name)
-        return ShardSummary("ingest", source.name, skipped=True, counts=_sum_counts(marker.counts.values()))
+        return ShardSummary("ingest", source.name, skipped=True, counts=total_counts(marker.counts.values()))
     outputs: dict[str, str] = {}
     counts: dict[str, dict[str, int]] = {}
     for index, outcome in enumerate(SourceIngester(source, config).shards()):
@@ -327,15 +366,7 @@ def ingest_source_shards(
             layout, "ingest", shard_id, outcome, INGEST_SCHEMA, run_id, fingerprint
         )
     write_marker(layout, Marker("ingest", source.name, fingerprint, inputs, outputs, counts, run_id, now()))
-    return ShardSummary("ingest", source.name, skipped=False, counts=_sum_counts(counts.values()))
-
-
-def _sum_counts(per_shard: Iterable[dict[str, int]]) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for counts in per_shard:
-        for key, n in counts.items():
-            total[key] = total.get(key, 0) + n
-    return total
+    return ShardSummary("ingest", source.name, skipped=False, counts=total_counts(counts.values()))
 
 
 @task(

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from rs5m.config import KeywordConfig
+from rs5m.config import KeywordConfig, PipelineConfig
 from storage.layout import Layout
 from storage.schemas import KEYWORD_SCHEMA
 from tasks.harness import ShardStage, ShardSummary
@@ -203,8 +203,8 @@ def filter_shard(table: pa.Table, matcher: KeywordMatcher) -> ShardOutcome:
     return ShardOutcome(kept=kept, decisions=outcome.decisions)
 
 
-def _processor(config: KeywordConfig) -> Callable[[pa.Table], ShardOutcome]:
-    return functools.partial(filter_shard, matcher=KeywordMatcher.from_config(config))
+def _processor(config: PipelineConfig) -> Callable[[pa.Table], ShardOutcome]:
+    return functools.partial(filter_shard, matcher=KeywordMatcher.from_config(config.keyword))
 
 
 KEYWORD = ShardStage(
@@ -212,11 +212,12 @@ KEYWORD = ShardStage(
     upstream="ingest",
     schema=KEYWORD_SCHEMA,
     reasons=REASONS,
+    sections=("keyword",),
     make_processor=_processor,
-    identity=lambda config: {"lists": KeywordMatcher.from_config(config).identity},
+    identity=lambda config: {"lists": KeywordMatcher.from_config(config.keyword).identity},
 )
 
 
 @task(name="keyword-shard", task_run_name="keyword-{shard_id}", cache_policy=NO_CACHE)
-def keyword_task(workdir: str, shard_id: str, config: KeywordConfig, run_id: str) -> ShardSummary:
+def keyword_task(workdir: str, shard_id: str, config: PipelineConfig, run_id: str) -> ShardSummary:
     return KEYWORD.run(Layout(workdir), shard_id, config, run_id)

@@ -7,9 +7,10 @@ tasks/harness.py and storage/, so every stage counts the same way (DataTrove's `
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -20,6 +21,8 @@ from storage.schemas import DECISION_SCHEMA, DROPPED, KEPT
 class ShardOutcome:
     kept: pa.Table
     decisions: pa.Table  # DECISION_SCHEMA, exactly one row per input sample
+    # per-row arrays of the survivors (embeddings), row i belongs to kept row i; stored beside the shard
+    arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         """{"kept": n, "dropped:<reason>": n, ...}."""

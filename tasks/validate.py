@@ -25,7 +25,7 @@ from PIL import Image, ImageFile
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from rs5m.config import ValidateConfig
+from rs5m.config import PipelineConfig, ValidateConfig
 from storage.layout import Layout
 from storage.schemas import DOWNLOAD_SCHEMA, VALIDATE_SCHEMA
 from tasks.harness import ShardStage, ShardSummary
@@ -147,10 +147,11 @@ VALIDATE = ShardStage(
     upstream="download",
     schema=VALIDATE_SCHEMA,
     reasons=REASONS,
-    make_processor=lambda config: functools.partial(validate_shard, config=config),
+    sections=("validate",),
+    make_processor=lambda config: functools.partial(validate_shard, config=config.validate_),
 )
 
 
 @task(name="validate-shard", task_run_name="validate-{shard_id}", cache_policy=NO_CACHE)
-def validate_task(workdir: str, shard_id: str, config: ValidateConfig, run_id: str) -> ShardSummary:
+def validate_task(workdir: str, shard_id: str, config: PipelineConfig, run_id: str) -> ShardSummary:
     return VALIDATE.run(Layout(workdir), shard_id, config, run_id)

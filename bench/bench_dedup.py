@@ -1,0 +1,200 @@
+"""Wall time and peak memory of embedding near-duplicate detection + grouping on planted groups.
+
+For each size in --sizes, a child process generates planted near-duplicate groups (float16 storage,
+--dup-fraction of the rows in groups of --group-size, member-to-member inner product ~0.98), then times
+embedding_neighbours (--backend, default auto: flat up to 50k rows, IVF-SQ8 above, torch on cuda) and
+group_by_keeper with random priorities, and reports ru_maxrss (the child's peak resident memory) before and
+after. Pair recall is measured against every within-group pair at or above the threshold (computed
+exactly per group) and, up to --recall-max rows, against an exact faiss IndexFlatIP range search (not capped
+at k) from --recall-queries random query rows. Last, time and memory are extrapolated to 5M rows: IVF cost
+grows as N^1.5 with nlist = 4 sqrt(N); memory is the float16 input plus the 8-bit codes, ids and probe lists
+the IVF search holds (n * (3 * dim + 8 + 12 * nprobe) bytes) on top of the largest run's fixed overhead.
+
+    .venv/bin/python bench/bench_dedup.py --sizes 10000 100000 1000000 --dim 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from models.near_duplicates import embedding_neighbours, group_by_keeper, planted_groups  # noqa: E402
+
+TARGET_ROWS = 5_000_000
+
+
+def peak_rss_mib() -> float:
+    # Linux reports ru_maxrss in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def exact_recall(embeddings: np.ndarray, pairs, threshold: float, n_queries: int, seed: int) -> dict:
+    """Share of exact pairs (from a range search of sampled query rows) that embedding_neighbours found."""
+    import faiss
+
+    n = embeddings.shape[0]
+    queries = np.sort(np.random.default_rng(seed).choice(n, size=min(n, n_queries), replace=False))
+    index = faiss.IndexFlatIP(embeddings.shape[1])
+    for begin in range(0, n, 65_536):
+        index.add(embeddings[begin : begin + 65_536].astype(np.float32))
+    limits, _, ids = index.range_search(embeddings[queries].astype(np.float32), threshold)
+    truth_q = np.repeat(queries, np.diff(limits.astype(np.int64)))
+    other = truth_q != ids
+    # Both ends of a pair may be sampled queries: count each pair once.
+    low, high = np.minimum(truth_q, ids)[other], np.maximum(truth_q, ids)[other]
+    truth = set(zip(low.tolist(), high.tolist(), strict=True))
+    found = set(zip(pairs[0].tolist(), pairs[1].tolist(), strict=True))
+    return {
+        "recall_queries": int(queries.size),
+        "exact_pairs": len(truth),
+        "recall": len(truth & found) / max(1, len(truth)),
+    }
+
+
+def planted_recall(
+    embeddings: np.ndarray, labels: np.ndarray, pairs, threshold: float, group_size: int
+) -> dict:
+    """Share of the within-group pairs >= threshold (exact, every group) that embedding_neighbours found.
+
+    Distinct groups and singletons are random directions (IP ~ N(0, 1/dim)), so these are all the exact
+    pairs; the IndexFlatIP recall above checks that assumption on a sample.
+    """
+    n = embeddings.shape[0]
+    members = np.flatnonzero(labels >= 0)
+    members = members[np.argsort(labels[members], kind="stable")].reshape(-1, group_size)
+    upper_i, upper_j = np.triu_indices(group_size, 1)
+    truth = []
+    for begin in range(0, len(members), 8192):
+        groups = members[begin : begin + 8192]
+        vectors = embeddings[groups].astype(np.float32)
+        sims = np.einsum("gid,gjd->gij", vectors, vectors)[:, upper_i, upper_j]
+        left, right = groups[:, upper_i][sims >= threshold], groups[:, upper_j][sims >= threshold]
+        truth.append(np.minimum(left, right) * n + np.maximum(left, right))
+    truth_keys = np.concatenate(truth)
+    found_keys = pairs[0] * n + pairs[1]
+    return {
+        "planted_exact_pairs": int(truth_keys.size),
+        "planted_recall": float(np.isin(truth_keys, found_keys).mean()),
+    }
+
+
+def run_child(args: argparse.Namespace, n: int) -> dict:
+    n_dup = int(n * args.dup_fraction) // args.group_size * args.group_size
+    start = time.perf_counter()
+    embeddings, labels = planted_groups(
+        n_dup // args.group_size,
+        args.group_size,
+        n - n_dup,
+        args.dim,
+        args.noise,
+        seed=args.seed,
+        dtype=np.float16,
+    )
+    result = {"n": n, "dim": args.dim, "generate_s": time.perf_counter() - start}
+    result["embeddings_mib"] = embeddings.nbytes / 2**20
+    result["rss_after_generate_mib"] = peak_rss_mib()
+
+    start = time.perf_counter()
+    pairs = embedding_neighbours(
+        embeddings, args.threshold, k=args.k, backend=args.backend, nprobe=args.nprobe
+    )
+    result["neighbours_s"] = time.perf_counter() - start
+    priority = np.random.default_rng(args.seed + 1).random(n)
+    start = time.perf_counter()
+    group_id, keeper = group_by_keeper(n, pairs, priority)
+    result["group_s"] = time.perf_counter() - start
+    result["peak_rss_mib"] = peak_rss_mib()
+
+    result["pairs"] = int(pairs[0].size)
+    same_group = (labels[pairs[0]] == labels[pairs[1]]) & (labels[pairs[0]] >= 0)
+    result["pairs_across_planted_groups"] = int((~same_group).sum())
+    result["groups"] = int(group_id.max()) + 1
+    result["planted_groups_plus_singletons"] = int(n_dup // args.group_size + n - n_dup)
+    result["removed"] = int((keeper != np.arange(n)).sum())
+    result.update(planted_recall(embeddings, labels, pairs, args.threshold, args.group_size))
+    if n <= args.recall_max:
+        result.update(exact_recall(embeddings, pairs, args.threshold, args.recall_queries, args.seed))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--threshold", type=float, default=0.95)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--backend", default="auto", choices=["auto", "flat", "ivf", "torch"])
+    parser.add_argument("--nprobe", type=int, default=8)
+    parser.add_argument("--dup-fraction", type=float, default=0.2)
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--noise", type=float, default=0.15, help="member-to-member IP ~ 1/(1 + noise^2)")
+    parser.add_argument("--recall-max", type=int, default=100_000, help="measure recall up to this many rows")
+    parser.add_argument("--recall-queries", type=int, default=20_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child is not None:
+        print(json.dumps(run_child(args, args.child)))
+        return
+
+    passthrough = list(sys.argv[1:])
+    if "--sizes" in passthrough:
+        at = passthrough.index("--sizes")
+        end = at + 1
+        while end < len(passthrough) and not passthrough[end].startswith("--"):
+            end += 1
+        del passthrough[at:end]
+    results = []
+    for n in args.sizes:
+        child = subprocess.run(
+            [sys.executable, __file__, *passthrough, "--child", str(n)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if child.returncode != 0:
+            print(f"n={n}: child failed ({child.returncode}):\n{child.stderr[-3000:]}")
+            continue
+        result = json.loads(child.stdout.strip().splitlines()[-1])
+        results.append(result)
+        recall = f"planted-pair recall {result['planted_recall']:.4f} of {result['planted_exact_pairs']:,}"
+        if "recall" in result:
+            recall += f", flat recall {result['recall']:.4f} of {result['exact_pairs']:,} (sampled queries)"
+        print(
+            f"n={n:>9,} d={result['dim']}  neighbours {result['neighbours_s']:8.1f} s  group {result['group_s']:6.2f} s  "
+            f"peak RSS {result['peak_rss_mib']:8.0f} MiB (after generating {result['rss_after_generate_mib']:.0f}, "
+            f"embeddings {result['embeddings_mib']:.0f})  pairs {result['pairs']:,} "
+            f"cross-group {result['pairs_across_planted_groups']}  groups {result['groups']:,}/"
+            f"{result['planted_groups_plus_singletons']:,}  {recall}",
+            flush=True,
+        )
+    if not results:
+        return
+    largest = max(results, key=lambda r: r["n"])
+    scale = TARGET_ROWS / largest["n"]
+    seconds = (largest["neighbours_s"] + largest["group_s"]) * scale**1.5
+    per_row_mib = (3 * args.dim + 8 + 12 * args.nprobe) / 2**20
+    fixed_mib = largest["peak_rss_mib"] - largest["n"] * per_row_mib
+    memory_mib = fixed_mib + TARGET_ROWS * per_row_mib
+    print(
+        f"extrapolated to {TARGET_ROWS:,} rows from n={largest['n']:,}: ~{seconds / 60:.0f} min on this "
+        f"machine's cores (time ~ N^1.5), peak RSS ~{memory_mib / 1024:.1f} GiB "
+        f"(float16 embeddings alone: {TARGET_ROWS * args.dim * 2 / 2**30:.1f} GiB)"
+    )
+
+
+if __name__ == "__main__":
+    main()

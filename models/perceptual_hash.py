@@ -1,0 +1,160 @@
+"""Perceptual near-duplicate detection for overhead image tiles, invariant to the 8 rotations/flips.
+
+The hash is a DCT hash (pHash family): grayscale, resize to 32x32 with a fixed Lanczos filter, 2-D DCT-II,
+keep the low-frequency 8x8 block, one bit per coefficient. Each bit is the coefficient's SIGN (bit = coef > 0);
+the DC coefficient is always positive, so bit 0 is fixed at 0 and 63 bits carry information.
+
+Why sign bits rather than the classic "above the median" bits: the dihedral group then acts EXACTLY on the hash.
+A transpose of the image transposes the DCT block; a left-right flip negates the coefficients with an odd column
+frequency and an up-down flip those with an odd row frequency. So the hash of a rotated/flipped image is the
+hash of the original with its 8x8 bit grid transposed and/or XORed with a parity mask, computed from the 64 bits
+alone (`dihedral_variants`). With a median threshold the negations move the median and that identity breaks.
+
+Why no canonical hash: picking one of the 8 variants (e.g. the lexicographically smallest) flips between
+candidates whenever two are near-equal. Measured on the 350 RSSCN7 images, the canonical hash of a rotated
+copy was 30+ bits from its original's for the worst 1-5% of images, whatever the threshold rule. Instead the distance between two
+images is the minimum over the 8 variants of one of them, which is what a rotation-blind comparison should be;
+the exact group action makes it symmetric. `hash_neighbours` searches with all 8 variants of each query against
+the stored hashes (one per image), so storage stays one 8-byte hash per image and search costs 8 queries.
+
+Measured on RSSCN7 (350 JPEGs 400x400, tests/test_perceptual_hash.py): rotations, flips, transpose, JPEG
+re-encoding (q50, q75) and 0.5x/0.75x resizing land within 5 bits of the original (100% found); centre crops
+removing 2.5% per side: 92.9% within 11 bits; the closest two distinct originals are 13 bits apart. Hence the
+default `DEFAULT_MAX_DISTANCE = 11`: 2 bits below the closest distinct pair, 6 above the worst of those copies.
+A 64-bit DCT hash cannot separate much larger crops from distinct images of uniform texture (grass, forest):
+5% crops per side are found only about 40% of the time at this threshold.
+
+Undecodable input raises ValueError naming the image's index: images reach this module after the validate stage
+has decoded them, so a failure here means corrupted storage, not a bad sample to drop. A caller that must
+survive bad bytes hashes one image at a time with `dct_hash`.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+
+import faiss
+import numpy as np
+from PIL import Image
+
+HASH_BYTES = 8
+HASH_BITS = 64
+DEFAULT_MAX_DISTANCE = 11
+
+_SIDE = 32  # grayscale thumbnail side the DCT runs on
+_BLOCK = 8  # low-frequency block side: 8x8 = 64 bits
+# JPEG draft decoding (DCT-domain downscale by 1/2..1/8) to at least this side: several times faster than a full
+# decode and it changed no detection rate on RSSCN7.
+_DRAFT_SIDE = 128
+# Coefficients this close to zero count as 0 (bit 0): float noise on a flat image must not decide bits.
+_ZERO_TOLERANCE = 1e-6
+
+# Orthonormal DCT-II basis, only the rows for the kept frequencies: block = B @ image @ B.T.
+_k = np.arange(_SIDE)
+_DCT_ROWS = np.sqrt(2.0 / _SIDE) * np.cos(
+    np.pi * (2 * _k[None, :] + 1) * np.arange(_BLOCK)[:, None] / (2 * _SIDE)
+)
+_DCT_ROWS[0] /= np.sqrt(2.0)
+
+_parity = np.arange(_BLOCK) % 2 == 1
+_ROW_ODD = np.broadcast_to(_parity[:, None], (_BLOCK, _BLOCK))  # flipped by an up-down flip
+_COL_ODD = np.broadcast_to(_parity[None, :], (_BLOCK, _BLOCK))  # flipped by a left-right flip
+
+
+def _grayscale_thumbnail(image: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(image)) as im:
+        im.draft("L", (_DRAFT_SIDE, _DRAFT_SIDE))
+        gray = im.convert("L").resize((_SIDE, _SIDE), Image.Resampling.LANCZOS)
+    return np.asarray(gray, dtype=np.float64)
+
+
+def _hash_thumbnails(thumbnails: np.ndarray) -> np.ndarray:
+    blocks = _DCT_ROWS @ thumbnails @ _DCT_ROWS.T  # (n, 8, 8)
+    bits = blocks.reshape(len(blocks), HASH_BITS) > _ZERO_TOLERANCE
+    bits[:, 0] = False  # DC: always positive, carries nothing
+    return np.packbits(bits, axis=1)
+
+
+def dct_hash(image: bytes) -> np.ndarray:
+    """The 64-bit hash of one encoded image as 8 uint8. Raises ValueError when PIL cannot decode it."""
+    try:
+        thumbnail = _grayscale_thumbnail(image)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"cannot decode image: {err}") from err
+    return _hash_thumbnails(thumbnail[None])[0]
+
+
+def dct_hashes(images: Iterable[bytes]) -> np.ndarray:
+    """Hashes of encoded images, shape (n, 8) uint8 (faiss binary layout), in input order.
+
+    Raises ValueError naming the index of the first image PIL cannot decode.
+    """
+    thumbnails = []
+    for index, image in enumerate(images):
+        try:
+            thumbnails.append(_grayscale_thumbnail(image))
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise ValueError(f"image {index} cannot be decoded: {err}") from err
+    if not thumbnails:
+        return np.zeros((0, HASH_BYTES), dtype=np.uint8)
+    return _hash_thumbnails(np.stack(thumbnails))
+
+
+def dihedral_variants(hashes: np.ndarray) -> np.ndarray:
+    """The hashes of the 8 rotations/flips of each image, shape (n, 8, 8); variant 0 is the identity."""
+    grids = np.unpackbits(_check_hashes(hashes), axis=1).reshape(-1, _BLOCK, _BLOCK).astype(bool)
+    variants = []
+    for oriented in (grids, grids.transpose(0, 2, 1)):
+        for row_flip in (False, True):
+            for col_flip in (False, True):
+                flipped = oriented ^ (row_flip & _ROW_ODD) ^ (col_flip & _COL_ODD)
+                variants.append(np.packbits(flipped.reshape(-1, HASH_BITS), axis=1))
+    return np.stack(variants, axis=1)
+
+
+def _check_hashes(hashes: np.ndarray) -> np.ndarray:
+    if hashes.dtype != np.uint8 or hashes.ndim != 2 or hashes.shape[1] != HASH_BYTES:
+        raise ValueError(f"hashes must be (n, {HASH_BYTES}) uint8, got {hashes.shape} {hashes.dtype}")
+    return np.ascontiguousarray(hashes)
+
+
+def hash_neighbours(
+    hashes: np.ndarray, max_distance: int = DEFAULT_MAX_DISTANCE, *, queries: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs of images whose rotation/flip-invariant Hamming distance is <= max_distance.
+
+    The distance is the minimum over the 8 dihedral variants. Without queries: a self-join of `hashes`, pairs
+    (i, j) with i < j. With queries: (query row, hashes row) pairs, e.g. downloaded images against eval images.
+    Returns (i, j, dist) as int64, int64, int32 arrays sorted by (i, j). Exact (faiss brute force, cost grows
+    as n^2): about 51 s for a 100k self-join on 2 cores.
+    """
+    if not 0 <= max_distance < HASH_BITS:
+        raise ValueError(f"max_distance must be in [0, {HASH_BITS}), got {max_distance}")
+    base = _check_hashes(hashes)
+    probes = base if queries is None else _check_hashes(queries)
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int32))
+    if len(base) == 0 or len(probes) == 0:
+        return empty
+
+    # Exact brute force at every size: on 101k hashes (808k variant queries, 2 cores) it took 51 s, while
+    # IndexBinaryMultiHash (4 x 16-bit tables, nflip=2, exact for 11 bits) took 390 s for the same pairs.
+    index = faiss.IndexBinaryFlat(HASH_BITS)
+    index.add(base)
+    limits, distances, base_ids = index.range_search(
+        dihedral_variants(probes).reshape(-1, HASH_BYTES), max_distance + 1
+    )
+    probe_ids = np.repeat(np.arange(len(probes) * 8, dtype=np.int64) // 8, np.diff(limits).astype(np.int64))
+    base_ids = base_ids.astype(np.int64)
+    if queries is None:
+        # The group acts exactly, so d(g.h_i, h_j) = d(h_i, g^-1.h_j): the i < j half holds every pair.
+        upper = probe_ids < base_ids
+        probe_ids, base_ids, distances = probe_ids[upper], base_ids[upper], distances[upper]
+    if len(probe_ids) == 0:
+        return empty
+    # Several variants can match the same pair: keep the smallest distance.
+    order = np.lexsort((distances, base_ids, probe_ids))
+    probe_ids, base_ids, distances = probe_ids[order], base_ids[order], distances[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (probe_ids[1:] != probe_ids[:-1]) | (base_ids[1:] != base_ids[:-1])
+    return probe_ids[first], base_ids[first], distances[first].astype(np.int32)

@@ -1,0 +1,388 @@
+"""The released dataset: Parquet shards per split, a manifest, and an optional WebDataset copy.
+
+WORKDIR/dataset/
+  manifest.json                         every file below with split, rows, bytes, sha256; totals; schema
+  <split>/part-00000.parquet ...        DATASET_SCHEMA rows, in the order the plan gives them
+  webdataset/<split>/shard-00000.tar    (optional) the same samples as part-00000.parquet, same order
+
+A part is closed once it holds `rows_per_shard` rows or its image bytes reach `bytes_per_shard` (so a part
+passes the byte budget by less than one image; a single image above the budget makes a part of its own).
+
+Commit protocol: the manifest is removed first, every file is written atomically, the manifest is written
+last, and then every file the manifest does not name (parts of an earlier, larger run; temporaries of a
+killed one) is deleted. So the folder holds either no manifest (not complete) or exactly the manifest's
+files. Same rows in, byte-identical files out: no timestamps, fixed row-group sizes, fixed tar headers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tarfile
+from collections.abc import Iterable, Mapping
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from storage.atomic import atomic_path, write_json
+from storage.layout import Layout
+from storage.markers import sha256_file
+
+SPLITS = ("train", "val")
+FORMAT_VERSION = 1
+
+DATASET_SCHEMA = pa.schema(
+    [
+        # the downloaded bytes, never re-encoded (EXIF and colour profiles intact)
+        pa.field("image", pa.large_binary(), nullable=False),
+        pa.field("image_format", pa.string()),  # PIL's name: JPEG, PNG, WEBP, GIF, BMP, TIFF, AVIF, MPO
+        pa.field("caption", pa.string()),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("url", pa.string(), nullable=False),
+        pa.field("clip_score", pa.float32()),
+        pa.field("rs_score", pa.float32()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("sha256", pa.string()),  # of the image bytes
+        pa.field("phash", pa.string()),  # 64-bit DCT hash as 16 hex digits
+        pa.field("group_id", pa.string()),  # near-duplicate group this sample kept
+        pa.field("matched_keyword", pa.string()),
+        pa.field("extra", pa.string()),  # the source's other columns, a JSON object
+        pa.field("split", pa.string(), nullable=False),
+    ]
+)
+
+# Row groups stay small so a reader can fetch a few images without a whole part; both limits are fixed
+# (not taken from how the rows arrive) so the same rows always give the same file.
+ROW_GROUP_ROWS = 256
+ROW_GROUP_IMAGE_BYTES = 64 << 20
+# Dictionary encoding and min/max statistics only where they help: never on the image bytes (statistics
+# would copy two images per row group into the footer).
+_DICTIONARY_COLUMNS = ["image_format", "source", "matched_keyword", "split"]
+_STATISTICS_COLUMNS = [name for name in DATASET_SCHEMA.names if name != "image"]
+_COMPRESSION = {name: ("none" if name == "image" else "zstd") for name in DATASET_SCHEMA.names}
+
+# WebDataset file extension per PIL format name (MPO: a multi-picture JPEG, decodable as JPEG).
+IMAGE_EXTENSIONS = {
+    "JPEG": "jpg",
+    "MPO": "jpg",
+    "PNG": "png",
+    "WEBP": "webp",
+    "GIF": "gif",
+    "BMP": "bmp",
+    "TIFF": "tiff",
+    "AVIF": "avif",
+}
+
+
+class DatasetPlanError(ValueError):
+    """Rows that cannot be written as planned (wrong columns, unknown split): a bug upstream."""
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    """What to write. `batches` yields DATASET_SCHEMA tables in the final order (rows of both splits may
+    be mixed; each split keeps its own order); it is consumed once, so the caller can stream images
+    without holding the whole dataset. `description` goes into the manifest as is (split rule, order)."""
+
+    batches: Iterable[pa.Table]
+    rows_per_shard: int
+    bytes_per_shard: int | None = None
+    webdataset: bool = False
+    description: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DatasetFile:
+    path: str  # relative to the dataset folder, "/"-separated
+    kind: str  # "parquet" or "webdataset"
+    split: str
+    rows: int
+    image_bytes: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class DatasetManifest:
+    format_version: int
+    files: list[DatasetFile]
+    totals: dict[str, Any]
+    schema: list[dict[str, Any]]
+    sharding: dict[str, Any]
+    description: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> DatasetManifest:
+        return cls(**{**payload, "files": [DatasetFile(**f) for f in payload["files"]]})
+
+
+def dataset_dir(layout: Layout) -> Path:
+    return layout.root / "dataset"
+
+
+def manifest_path(layout: Layout) -> Path:
+    return dataset_dir(layout) / "manifest.json"
+
+
+def read_dataset_manifest(layout: Layout) -> DatasetManifest | None:
+    try:
+        return DatasetManifest.from_json(json.loads(manifest_path(layout).read_text()))
+    except FileNotFoundError:
+        return None
+
+
+def image_extension(image_format: str | None) -> str:
+    """The WebDataset key of the image: a known format's usual extension, else the lowercased name."""
+    return IMAGE_EXTENSIONS.get(image_format or "", (image_format or "bin").lower())
+
+
+def write_dataset(layout: Layout, plan: DatasetPlan) -> DatasetManifest:
+    root = dataset_dir(layout)
+    manifest_path(layout).unlink(missing_ok=True)  # from here until the end the dataset is incomplete
+    writers = {
+        split: _SplitWriter(root, split, plan.rows_per_shard, plan.bytes_per_shard, plan.webdataset)
+        for split in SPLITS
+    }
+    try:
+        for batch in plan.batches:
+            batch = _conform(batch)
+            for split, writer in writers.items():
+                rows = batch.filter(pc.equal(batch.column("split"), split))
+                if rows.num_rows:
+                    writer.add(rows)
+        for writer in writers.values():
+            writer.finish()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    files = [f for split in SPLITS for f in writers[split].files]
+    manifest = DatasetManifest(
+        format_version=FORMAT_VERSION,
+        files=files,
+        totals=_totals(files),
+        schema=[{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in DATASET_SCHEMA],
+        sharding={
+            "rows_per_shard": plan.rows_per_shard,
+            "bytes_per_shard": plan.bytes_per_shard,
+            "row_group_rows": ROW_GROUP_ROWS,
+            "row_group_image_bytes": ROW_GROUP_IMAGE_BYTES,
+            "webdataset": plan.webdataset,
+        },
+        description=dict(plan.description),
+    )
+    write_json(manifest_path(layout), manifest.to_json())
+    _remove_unlisted(root, {f.path for f in files} | {manifest_path(layout).name})
+    return manifest
+
+
+def _conform(batch: pa.Table) -> pa.Table:
+    if set(batch.column_names) != set(DATASET_SCHEMA.names):
+        raise DatasetPlanError(f"dataset rows need columns {DATASET_SCHEMA.names}, got {batch.column_names}")
+    batch = batch.select(DATASET_SCHEMA.names).cast(DATASET_SCHEMA)
+    unknown = set(pc.unique(batch.column("split")).to_pylist()) - set(SPLITS)
+    if unknown:
+        raise DatasetPlanError(f"unknown split(s) {sorted(unknown)}; expected {SPLITS}")
+    return batch
+
+
+def _totals(files: list[DatasetFile]) -> dict[str, Any]:
+    parquet = [f for f in files if f.kind == "parquet"]
+    return {
+        "rows": sum(f.rows for f in parquet),
+        "rows_per_split": {split: sum(f.rows for f in parquet if f.split == split) for split in SPLITS},
+        "image_bytes": sum(f.image_bytes for f in parquet),
+        "parquet_files": len(parquet),
+        "parquet_bytes": sum(f.bytes for f in parquet),
+        "webdataset_files": len(files) - len(parquet),
+        "webdataset_bytes": sum(f.bytes for f in files if f.kind == "webdataset"),
+    }
+
+
+def _rows_to_take(image_lengths: np.ndarray, rows_left: int, bytes_left: int | None) -> tuple[int, bool]:
+    """How many of the next rows go into a container that has `rows_left` rows and `bytes_left` image
+    bytes of room, and whether it is then full. It closes on the row whose image reaches the budget."""
+    candidates = image_lengths[:rows_left]
+    if bytes_left is not None:
+        reached = np.flatnonzero(np.cumsum(candidates) >= bytes_left)
+        if reached.size:
+            return int(reached[0]) + 1, True
+    return len(candidates), len(candidates) == rows_left
+
+
+def _image_lengths(table: pa.Table) -> np.ndarray:
+    return pc.binary_length(table.column("image")).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+class _Part:
+    """One open Parquet part (and its tar), written to temporaries until commit()."""
+
+    def __init__(self, root: Path, split: str, index: int, webdataset: bool) -> None:
+        self.split = split
+        self.rows = 0
+        self.image_bytes = 0
+        self.paths = {"parquet": Path(split) / f"part-{index:05d}.parquet"}
+        if webdataset:
+            self.paths["webdataset"] = Path("webdataset") / split / f"shard-{index:05d}.tar"
+        self._root = root
+        self._stack = ExitStack()
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._pending_bytes = 0
+        try:
+            parquet_tmp = self._stack.enter_context(atomic_path(root / self.paths["parquet"]))
+            self._parquet = self._stack.enter_context(
+                pq.ParquetWriter(
+                    parquet_tmp,
+                    DATASET_SCHEMA,
+                    compression=_COMPRESSION,
+                    use_dictionary=_DICTIONARY_COLUMNS,
+                    write_statistics=_STATISTICS_COLUMNS,
+                )
+            )
+            self._tar: tarfile.TarFile | None = None
+            if webdataset:
+                tar_tmp = self._stack.enter_context(atomic_path(root / self.paths["webdataset"]))
+                self._tar = self._stack.enter_context(
+                    tarfile.TarFile(tar_tmp, "w", format=tarfile.PAX_FORMAT)
+                )
+        except BaseException:
+            self.abort()
+            raise
+
+    def add(self, rows: pa.Table) -> None:
+        """Append rows (the caller keeps the part within its budget)."""
+        self.rows += rows.num_rows
+        lengths = _image_lengths(rows)
+        self.image_bytes += int(lengths.sum())
+        if self._tar is not None:
+            _write_samples(self._tar, rows)
+        start = 0
+        while start < rows.num_rows:
+            bytes_left = ROW_GROUP_IMAGE_BYTES - self._pending_bytes
+            take, full = _rows_to_take(lengths[start:], ROW_GROUP_ROWS - self._pending_rows, bytes_left)
+            self._pending.append(rows.slice(start, take))
+            self._pending_rows += take
+            self._pending_bytes += int(lengths[start : start + take].sum())
+            start += take
+            if full:
+                self._flush_row_group()
+
+    def _flush_row_group(self) -> None:
+        if self._pending_rows:
+            group = pa.concat_tables(self._pending).combine_chunks()
+            self._parquet.write_table(group, row_group_size=group.num_rows)
+        self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
+
+    def commit(self) -> list[DatasetFile]:
+        self._flush_row_group()
+        self._stack.close()  # closes the writers, then renames each temporary into place
+        return [
+            DatasetFile(
+                path=path.as_posix(),
+                kind=kind,
+                split=self.split,
+                rows=self.rows,
+                image_bytes=self.image_bytes,
+                bytes=(self._root / path).stat().st_size,
+                sha256=sha256_file(self._root / path),
+            )
+            for kind, path in self.paths.items()
+        ]
+
+    def abort(self) -> None:
+        """Close without committing: the temporaries are deleted, the targets left as they were."""
+        error = sys.exc_info()[1] or RuntimeError("dataset write aborted")
+        self._stack.__exit__(type(error), error, error.__traceback__)
+
+
+class _SplitWriter:
+    """Feeds one split's rows, in order, into consecutive parts."""
+
+    def __init__(
+        self, root: Path, split: str, rows_per_shard: int, bytes_per_shard: int | None, webdataset: bool
+    ) -> None:
+        self._root = root
+        self._split = split
+        self._rows_per_shard = rows_per_shard
+        self._bytes_per_shard = bytes_per_shard
+        self._webdataset = webdataset
+        self._part: _Part | None = None
+        self.files: list[DatasetFile] = []
+
+    def add(self, rows: pa.Table) -> None:
+        lengths = _image_lengths(rows)
+        start = 0
+        while start < rows.num_rows:
+            if self._part is None:
+                index = sum(1 for f in self.files if f.kind == "parquet")
+                self._part = _Part(self._root, self._split, index, self._webdataset)
+            part = self._part
+            bytes_left = None if self._bytes_per_shard is None else self._bytes_per_shard - part.image_bytes
+            take, full = _rows_to_take(lengths[start:], self._rows_per_shard - part.rows, bytes_left)
+            part.add(rows.slice(start, take))
+            start += take
+            if full:
+                self._commit()
+
+    def finish(self) -> None:
+        if self._part is not None:
+            self._commit()
+
+    def _commit(self) -> None:
+        part, self._part = self._part, None
+        self.files.extend(part.commit())
+
+    def abort(self) -> None:
+        if self._part is not None:
+            self._part.abort()
+            self._part = None
+
+
+def _write_samples(tar: tarfile.TarFile, rows: pa.Table) -> None:
+    """WebDataset members per sample, names sorted within it: <sample_id>.<ext> (the original bytes),
+    .json (every other column, `extra` parsed into an object) and .txt (the caption, empty if none)."""
+    for row in rows.to_pylist():
+        key = row["sample_id"]
+        image = row.pop("image")
+        metadata = {**row, "extra": json.loads(row["extra"]) if row["extra"] is not None else None}
+        members = {
+            f"{key}.{image_extension(row['image_format'])}": image,
+            f"{key}.json": json.dumps(metadata, sort_keys=True, ensure_ascii=False).encode(),
+            f"{key}.txt": (row["caption"] or "").encode(),
+        }
+        for name in sorted(members):
+            _add_member(tar, name, members[name])
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _remove_unlisted(root: Path, keep: set[str]) -> None:
+    """Delete every file under root the manifest does not name, then the folders left empty."""
+    for path in sorted(root.rglob("*"), reverse=True):  # children before their folders
+        relative = path.relative_to(root).as_posix()
+        if path.is_dir() and not path.is_symlink():
+            if not any(path.iterdir()):
+                path.rmdir()
+        elif relative not in keep:
+            path.unlink()

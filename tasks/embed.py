@@ -1,0 +1,136 @@
+"""embed: CLIP image and caption embeddings plus a perceptual hash for every validated image.
+
+Every row is kept; its metadata (VALIDATE_SCHEMA minus the image bytes, which stay in validate/data) goes on
+with `phash`, the rotation/flip-aware DCT hash of the original bytes (models/perceptual_hash.py, 8 bytes), and
+two float16 L2-normalised arrays stored beside the shard: "image" (n, d) and "text" (n, d) of the captions
+(a null caption is embedded as the empty string, so every row has a text embedding).
+
+A row is dropped only when its bytes cannot be decoded for hashing or by the encoder (`unembeddable`); validate
+has already decoded every image fully, so this marks a decoder difference (the encoder may use nvjpeg), not a
+routine filter.
+
+The model comes from the config's `clip` section; one loaded encoder per ClipSpec is kept for the life of the
+process, so the shards of a run (and later stages using the same model) do not load it again.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+
+import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from models.clip import ClipEncoder, ClipSpec, UndecodableImageError, load_clip
+from models.perceptual_hash import HASH_BYTES, dct_hash
+from rs5m.config import ClipConfig, PipelineConfig
+from storage.layout import Layout
+from storage.schemas import EMBED_SCHEMA
+from tasks.harness import ShardStage, ShardSummary
+from tasks.stage import ShardOutcome, split_by_reason
+
+REASONS = {
+    "unembeddable": "the image bytes could not be decoded for the perceptual hash or by the CLIP encoder",
+}
+
+
+def embed_shard(table: pa.Table, encoder: ClipEncoder, batch_size: int = 64) -> ShardOutcome:
+    """Decide every row of a VALIDATE_SCHEMA shard; survivors in EMBED_SCHEMA, arrays aligned with them."""
+    images = table.column("image").to_pylist()
+    reasons: list[str | None] = [None] * len(images)
+    details: list[str | None] = [None] * len(images)
+    hashes: list[bytes] = []
+    for row, data in enumerate(images):
+        try:
+            hashes.append(dct_hash(data if data is not None else b"").tobytes())
+        except ValueError as error:
+            reasons[row], details[row] = "unembeddable", f"perceptual hash: {error}"
+    candidates = [row for row, reason in enumerate(reasons) if reason is None]
+    try:
+        image_emb = encoder.encode_images([images[row] for row in candidates], batch_size=batch_size)
+    except UndecodableImageError as error:
+        # rare (validate decoded every image): drop the rows the encoder named and encode the rest again
+        rejected = {candidates[position] for position in error.indices}
+        for row in rejected:
+            reasons[row], details[row] = "unembeddable", "the CLIP encoder's decoder rejected the bytes"
+        hashes = [h for row, h in zip(candidates, hashes, strict=True) if row not in rejected]
+        candidates = [row for row in candidates if row not in rejected]
+        image_emb = encoder.encode_images([images[row] for row in candidates], batch_size=batch_size)
+    captions = table.column("caption").to_pylist()
+    text_emb = encoder.encode_texts([captions[row] or "" for row in candidates])
+    outcome = split_by_reason(table, pa.array(reasons, pa.string()), pa.array(details, pa.string()))
+    kept = outcome.kept.drop_columns(["image"]).append_column(
+        "phash", pa.array(hashes, pa.binary(HASH_BYTES))
+    )
+    return ShardOutcome(
+        kept=kept.select(EMBED_SCHEMA.names).cast(EMBED_SCHEMA),
+        decisions=outcome.decisions,
+        arrays={"image": image_emb, "text": text_emb},
+    )
+
+
+def clip_spec(config: ClipConfig) -> ClipSpec:
+    return ClipSpec(
+        model=config.model,
+        pretrained=config.pretrained,
+        precision=config.precision,
+        device=config.device,
+        seed=config.seed,
+    )
+
+
+class SharedEncoder:
+    """A loaded encoder with the lock its users hold while encoding: stage tasks run in threads, and two
+    DataLoaders forking worker processes at once (or two batches on one GPU) gain nothing but risk."""
+
+    def __init__(self, encoder: ClipEncoder) -> None:
+        self.encoder = encoder
+        self.lock = threading.Lock()
+
+
+_LOADING = threading.Lock()
+
+
+@functools.cache
+def _shared_encoder(spec: ClipSpec, num_workers: int) -> SharedEncoder:
+    return SharedEncoder(load_clip(spec, num_workers=num_workers))
+
+
+def shared_encoder(config: ClipConfig) -> SharedEncoder:
+    """The process's encoder for this model, loaded on first use (under a lock: shard tasks run in threads)."""
+    with _LOADING:
+        return _shared_encoder(clip_spec(config), config.num_workers)
+
+
+def model_identity(config: ClipConfig) -> dict[str, str]:
+    """What the stored embeddings depend on besides the config fields: the weights (a checkpoint file's hash,
+    a hub tag, or the random-init seed and architecture) and the precision they ran at."""
+    return {"model": clip_spec(config).identity(), "precision": config.precision}
+
+
+def _processor(config: PipelineConfig) -> Callable[[pa.Table], ShardOutcome]:
+    shared = shared_encoder(config.clip)
+
+    def process(table: pa.Table) -> ShardOutcome:
+        with shared.lock:
+            return embed_shard(table, shared.encoder, batch_size=config.clip.batch_size)
+
+    return process
+
+
+EMBED = ShardStage(
+    name="embed",
+    upstream="validate",
+    schema=EMBED_SCHEMA,
+    reasons=REASONS,
+    sections=("clip",),
+    make_processor=_processor,
+    identity=lambda config: model_identity(config.clip),
+)
+
+
+@task(name="embed-shard", task_run_name="embed-{shard_id}", cache_policy=NO_CACHE)
+def embed_task(workdir: str, shard_id: str, config: PipelineConfig, run_id: str) -> ShardSummary:
+    return EMBED.run(Layout(workdir), shard_id, config, run_id)

@@ -1,0 +1,212 @@
+"""models/clip.py with the project's tiny random-init open_clip config (offline: no weights are downloaded)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from models.clip import (
+    ClipSpec,
+    ClipWeightsUnavailableError,
+    UndecodableImageError,
+    decode_to_uint8,
+    load_clip,
+    resize_crop_normalise,
+)
+
+TINY = "rs5m-tiny-vit"
+TINY_DIM = 64
+
+
+def _encode_pil(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def synthetic_images() -> list[bytes]:
+    """Smooth random images of several sizes and modes: RGB JPEGs, a greyscale JPEG, an RGBA PNG."""
+    rng = np.random.default_rng(7)
+    images = []
+    for index, (width, height) in enumerate([(96, 96), (120, 80), (80, 120), (96, 96), (200, 150), (64, 64)]):
+        coarse = rng.integers(0, 256, size=(height // 8, width // 8, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR)
+        images.append(_encode_pil(image, "JPEG"))
+        if index == 1:
+            images.append(_encode_pil(image.convert("L"), "JPEG"))
+        if index == 4:
+            images.append(_encode_pil(image.convert("RGBA"), "PNG"))
+    return images
+
+
+@pytest.fixture(scope="module")
+def tiny() -> object:
+    return load_clip(ClipSpec(TINY, seed=0, device="cpu"), num_workers=0)
+
+
+@pytest.fixture(scope="module")
+def rsscn7_paths(shared_data: Path) -> list[Path]:
+    images = shared_data / "rsscn7" / "images"
+    if not images.is_dir():
+        pytest.skip(f"{images} is absent: the reference comparison needs real RSSCN7 JPEGs")
+    # one per class, so the reference sees varied scenes
+    return [sorted(folder.glob("*.jpg"))[0] for folder in sorted(images.iterdir())]
+
+
+def _norms(embeddings: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(embeddings.astype(np.float32), axis=1)
+
+
+def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a.astype(np.float32) * b.astype(np.float32)).sum(axis=1) / (_norms(a) * _norms(b))
+
+
+def test_tiny_config_is_registered_and_encodes_to_normalised_float16(tiny, synthetic_images):
+    assert TINY in open_clip.list_models()
+    images = tiny.encode_images(synthetic_images, batch_size=3)
+    texts = tiny.encode_texts(
+        ["an aerial view of a harbour", "a satellite image of farmland", ""], batch_size=2
+    )
+    for embeddings, rows in ((images, len(synthetic_images)), (texts, 3)):
+        assert embeddings.shape == (rows, TINY_DIM)
+        assert embeddings.dtype == np.float16
+        np.testing.assert_allclose(_norms(embeddings), 1.0, atol=2e-3)
+    assert not np.allclose(images[0], images[1], atol=1e-2)
+    assert not np.allclose(texts[0], texts[1], atol=1e-2)
+
+
+def test_empty_inputs_give_empty_matrices(tiny):
+    assert tiny.encode_images([], batch_size=4).shape == (0, TINY_DIM)
+    assert tiny.encode_texts([]).shape == (0, TINY_DIM)
+
+
+def test_same_seed_gives_identical_embeddings_and_another_seed_differs(tiny, synthetic_images):
+    captions = ["an aerial view of a harbour"]
+    again = load_clip(ClipSpec(TINY, seed=0, device="cpu"), num_workers=0)
+    other = load_clip(ClipSpec(TINY, seed=1, device="cpu"), num_workers=0)
+    np.testing.assert_array_equal(
+        again.encode_images(synthetic_images, 4), tiny.encode_images(synthetic_images, 4)
+    )
+    np.testing.assert_array_equal(again.encode_texts(captions), tiny.encode_texts(captions))
+    assert (
+        np.abs(
+            _row_cosines(other.encode_images(synthetic_images, 4), tiny.encode_images(synthetic_images, 4))
+        ).max()
+        < 0.9
+    )
+    assert ClipSpec(TINY, seed=0).identity() != ClipSpec(TINY, seed=1).identity()
+
+
+def test_random_init_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    load_clip(ClipSpec(TINY, seed=5, device="cpu"), num_workers=0)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_dataloader_workers_give_the_same_embeddings_as_in_process(tiny, synthetic_images):
+    in_process = tiny.encode_images(synthetic_images, batch_size=3, num_workers=0)
+    with_workers = tiny.encode_images(synthetic_images, batch_size=3, num_workers=2)
+    np.testing.assert_array_equal(with_workers, in_process)
+
+
+def test_matches_a_bare_open_clip_reference_loop(tiny, rsscn7_paths):
+    with torch.no_grad():
+        pixels = torch.stack([tiny.preprocess(Image.open(path)) for path in rsscn7_paths])
+        reference = torch.nn.functional.normalize(tiny.model.encode_image(pixels), dim=-1).numpy()
+    images = [path.read_bytes() for path in rsscn7_paths]
+    embeddings = tiny.encode_images(images, batch_size=3)
+    # float16 output: about 3 significant digits
+    np.testing.assert_allclose(embeddings.astype(np.float32), reference, atol=2e-3)
+
+
+def test_tensor_preprocess_reproduces_open_clip_pixels(tiny, synthetic_images):
+    """The GPU path's decode + resize/crop/normalise, run on CPU (libjpeg instead of nvjpeg)."""
+    decoded, undecodable = decode_to_uint8(synthetic_images, torch.device("cpu"))
+    assert undecodable == []
+    pixels = resize_crop_normalise(decoded, tiny.preprocess_cfg, torch.float32)
+    reference = torch.stack([tiny.preprocess(Image.open(io.BytesIO(data))) for data in synthetic_images])
+    assert pixels.shape == reference.shape == (len(synthetic_images), 3, 64, 64)
+    difference = (pixels - reference).abs()
+    # tensor bicubic vs PIL bicubic: rounding differences of a grey level (about 0.015 after normalising)
+    assert difference.max() < 0.05
+    assert difference.mean() < 1e-3
+
+
+def test_tensor_decoder_matches_the_pil_path(tiny, synthetic_images):
+    tensor = load_clip(ClipSpec(TINY, seed=0, device="cpu"), decoder="torchvision")
+    assert tensor.decoder == "torchvision"
+    # random-init embeddings of different images already agree to ~0.98: only a much tighter bound tests anything
+    cosines = _row_cosines(tensor.encode_images(synthetic_images, 4), tiny.encode_images(synthetic_images, 4))
+    assert cosines.min() > 0.9995
+
+
+@pytest.mark.parametrize("decoder", ["pil", "torchvision"])
+def test_undecodable_images_raise_naming_every_position(decoder, synthetic_images):
+    encoder = load_clip(ClipSpec(TINY, seed=0, device="cpu"), num_workers=0, decoder=decoder)
+    truncated_jpeg = synthetic_images[0][:100]
+    images = [synthetic_images[0], b"<html>not an image</html>", synthetic_images[1], truncated_jpeg]
+    with pytest.raises(UndecodableImageError, match="2 of 4 images") as caught:
+        encoder.encode_images(images, batch_size=2)
+    assert caught.value.indices == [1, 3]
+
+
+def test_bf16_weights_on_cpu_stay_close_to_fp32(tiny, synthetic_images):
+    bf16 = load_clip(ClipSpec(TINY, seed=0, precision="bf16", device="cpu"), num_workers=0)
+    assert bf16.model.visual.conv1.weight.dtype == torch.bfloat16
+    embeddings = bf16.encode_images(synthetic_images, 4)
+    assert embeddings.dtype == np.float16
+    assert _row_cosines(embeddings, tiny.encode_images(synthetic_images, 4)).min() > 0.999
+
+
+def test_hub_tag_offline_fails_with_download_instructions(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = ClipSpec("ViT-B-32", pretrained="laion2b_s34b_b79k", device="cpu")
+    assert spec.identity() == "ViT-B-32:laion2b_s34b_b79k"
+    with pytest.raises(ClipWeightsUnavailableError) as caught:
+        load_clip(spec, cache_dir=str(tmp_path))
+    message = str(caught.value)
+    assert "HF_HUB_OFFLINE" in message
+    assert "huggingface-cli download laion/CLIP-ViT-B-32-laion2B-s34B-b79K" in message
+    assert "ClipSpec(pretrained='/path/to/checkpoint')" in message
+
+
+def test_unknown_tag_or_missing_file_is_a_clear_value_error(tmp_path):
+    with pytest.raises(ValueError, match="neither a file nor an open_clip tag"):
+        ClipSpec(TINY, pretrained=str(tmp_path / "missing.pt")).identity()
+    with pytest.raises(ValueError, match="unknown open_clip model"):
+        ClipSpec("no-such-model", seed=0).identity()
+
+
+def test_local_checkpoint_round_trips_and_is_identified_by_its_sha256(tiny, synthetic_images, tmp_path):
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(tiny.model.state_dict(), checkpoint)
+    spec = ClipSpec(TINY, pretrained=str(checkpoint), seed=99, device="cpu")
+    assert spec.identity() == f"{TINY}:sha256:{hashlib.sha256(checkpoint.read_bytes()).hexdigest()}"
+    loaded = load_clip(spec, num_workers=0)
+    np.testing.assert_array_equal(
+        loaded.encode_images(synthetic_images, 4), tiny.encode_images(synthetic_images, 4)
+    )
+    np.testing.assert_array_equal(loaded.encode_texts(["a river"]), tiny.encode_texts(["a river"]))
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs CUDA: nvjpeg batch decode and bf16 weights on the GPU (the tensor path's code is tested on CPU above)",
+)
+def test_cuda_nvjpeg_path_matches_the_cpu_pil_path(tiny, synthetic_images):
+    gpu = load_clip(ClipSpec(TINY, seed=0, precision="bf16", device="cuda"))
+    assert gpu.decoder == "torchvision"
+    assert next(gpu.model.parameters()).is_cuda
+    embeddings = gpu.encode_images(synthetic_images, 4)
+    assert embeddings.dtype == np.float16
+    assert _row_cosines(embeddings, tiny.encode_images(synthetic_images, 4)).min() > 0.98

@@ -1,0 +1,137 @@
+"""Perceptual hash: rotation/flip/re-encode/resize/crop copies of real RSSCN7 tiles are found; originals never merge."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models import perceptual_hash
+from models.perceptual_hash import DEFAULT_MAX_DISTANCE, dct_hashes, dihedral_variants, hash_neighbours
+
+T = Image.Transpose
+
+
+def _jpeg(im: Image.Image, quality: int = 95) -> bytes:
+    buffer = io.BytesIO()
+    im.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _centre_crop(im: Image.Image, fraction_per_side: float) -> Image.Image:
+    w, h = im.size
+    dx, dy = round(fraction_per_side * w), round(fraction_per_side * h)
+    return im.crop((dx, dy, w - dx, h - dy))
+
+
+def _scaled(im: Image.Image, scale: float) -> Image.Image:
+    return im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.LANCZOS)
+
+
+# name -> (make the copy, required detection rate)
+COPIES = {
+    "rotate_90": (lambda im: _jpeg(im.transpose(T.ROTATE_90)), 0.99),
+    "rotate_180": (lambda im: _jpeg(im.transpose(T.ROTATE_180)), 0.99),
+    "rotate_270": (lambda im: _jpeg(im.transpose(T.ROTATE_270)), 0.99),
+    "flip_horizontal": (lambda im: _jpeg(im.transpose(T.FLIP_LEFT_RIGHT)), 0.99),
+    "flip_vertical": (lambda im: _jpeg(im.transpose(T.FLIP_TOP_BOTTOM)), 0.99),
+    "transpose": (lambda im: _jpeg(im.transpose(T.TRANSPOSE)), 0.99),
+    "jpeg_q50": (lambda im: _jpeg(im, 50), 0.99),
+    "jpeg_q75": (lambda im: _jpeg(im, 75), 0.99),
+    "resize_0.5x": (lambda im: _jpeg(_scaled(im, 0.5)), 0.99),
+    "resize_0.75x": (lambda im: _jpeg(_scaled(im, 0.75)), 0.99),
+    "centre_crop_2.5%": (lambda im: _jpeg(_centre_crop(im, 0.025)), 0.90),
+}
+
+
+@pytest.fixture(scope="module")
+def rsscn7_images(shared_data: Path) -> list[bytes]:
+    folder = shared_data / "rsscn7" / "images"
+    paths = sorted(folder.glob("*/*.jpg"))
+    if not paths:
+        pytest.skip(f"no RSSCN7 images under {folder}: this test needs the real public data")
+    return [path.read_bytes() for path in paths]
+
+
+@pytest.fixture(scope="module")
+def original_hashes(rsscn7_images: list[bytes]) -> np.ndarray:
+    return dct_hashes(rsscn7_images)
+
+
+def test_copies_are_found_and_originals_never_merge(
+    rsscn7_images: list[bytes], original_hashes: np.ndarray, capsys: pytest.CaptureFixture[str]
+) -> None:
+    n = len(rsscn7_images)
+    decoded = [Image.open(io.BytesIO(image)).convert("RGB") for image in rsscn7_images]
+
+    i, j, dist = hash_neighbours(original_hashes)
+    assert len(i) == 0, f"distinct originals merged: {list(zip(i, j, dist, strict=True))}"
+    # Closest distinct originals, to report the margin: search far wider than the threshold.
+    _, _, wide = hash_neighbours(original_hashes, 32)
+    closest_originals = int(wide.min())
+
+    rows = []
+    for name, (make_copy, required) in COPIES.items():
+        copy_hashes = dct_hashes(make_copy(im) for im in decoded)
+        query, base, pair_dist = hash_neighbours(original_hashes, DEFAULT_MAX_DISTANCE, queries=copy_hashes)
+        found = np.zeros(n, dtype=bool)
+        found[query[query == base]] = True
+        # Distance of every copy to its own original, for the table's worst case.
+        q, b, d = hash_neighbours(original_hashes, 63, queries=copy_hashes)
+        own = d[q == b]
+        assert len(own) == n
+        rows.append((name, found.mean(), required, int(np.median(own)), int(own.max())))
+        # A copy may only match its own original: any other match is a false merge.
+        assert np.all(query == base), f"{name}: copies matched other originals at {pair_dist[query != base]}"
+
+    with capsys.disabled():
+        print(f"\nperceptual hash on {n} RSSCN7 images, max_distance={DEFAULT_MAX_DISTANCE}")
+        print("| copy | found | required | median bits | max bits |\n|---|---|---|---|---|")
+        for name, rate, required, median, worst in rows:
+            print(f"| {name} | {rate:.1%} | {required:.0%} | {median} | {worst} |")
+        print(f"closest distinct originals: {closest_originals} bits")
+    for name, rate, required, _, _ in rows:
+        assert rate >= required, f"{name}: found {rate:.1%} < {required:.0%}"
+    assert closest_originals > DEFAULT_MAX_DISTANCE
+
+
+def test_hash_variants_match_hashes_of_transformed_thumbnails(rsscn7_images: list[bytes]) -> None:
+    # The bit-level group action must equal hashing the rotated/flipped pixels: exact, no re-encoding noise.
+    thumbnail = perceptual_hash._grayscale_thumbnail(rsscn7_images[0])
+    transformed = []
+    for oriented in (thumbnail, thumbnail.T):
+        for flip_rows in (False, True):
+            for flip_cols in (False, True):
+                pixels = oriented[::-1] if flip_rows else oriented
+                transformed.append(pixels[:, ::-1] if flip_cols else pixels)
+    expected = perceptual_hash._hash_thumbnails(np.stack(transformed))
+    variants = dihedral_variants(perceptual_hash._hash_thumbnails(thumbnail[None]))[0]
+    np.testing.assert_array_equal(variants, expected)
+    assert len({bytes(v) for v in variants}) == 8
+
+
+def test_planted_near_copies_are_found_among_random_hashes() -> None:
+    rng = np.random.default_rng(7)
+    hashes = rng.integers(0, 256, (3000, 8), dtype=np.uint8)
+    # Plant near-copies: a rotated/flipped variant with up to max_distance flipped bits.
+    sources = rng.choice(3000, 200, replace=False)
+    planted = dihedral_variants(hashes[sources])[np.arange(200), rng.integers(0, 8, 200)]
+    bits = np.unpackbits(planted, axis=1)
+    for row in bits:
+        row[rng.choice(64, rng.integers(0, DEFAULT_MAX_DISTANCE + 1), replace=False)] ^= 1
+    hashes = np.concatenate([hashes, np.packbits(bits, axis=1)])
+
+    i, j, dist = hash_neighbours(hashes, DEFAULT_MAX_DISTANCE)
+    found = set(zip(i.tolist(), j.tolist(), strict=True))
+    assert all((int(s), 3000 + k) in found for k, s in enumerate(sources))
+    assert len(found) == len(i)  # one row per pair
+    assert np.all(i < j) and np.all(dist <= DEFAULT_MAX_DISTANCE)
+
+
+def test_undecodable_bytes_raise_naming_the_index(rsscn7_images: list[bytes]) -> None:
+    with pytest.raises(ValueError, match="image 1 cannot be decoded"):
+        dct_hashes([rsscn7_images[0], b"<html>not an image</html>"])
+    assert dct_hashes([]).shape == (0, 8)
