@@ -22,8 +22,17 @@ from storage.catalog import COMPLETE, refresh_catalog, stage_states
 from storage.layout import Layout
 from storage.markers import invalidate_manifest, read_manifest
 from storage.runs import write_run_record
-from tasks import download, ingest, keyword, validate
-from tasks.harness import ShardStage, ShardSummary, StageInputError, complete_stage, now
+from tasks import decontaminate, dedup, download, embed, ingest, keyword, shard, validate
+from tasks.filter import FILTER, filter_task
+from tasks.harness import (
+    GLOBAL_UNIT,
+    GlobalStage,
+    ShardStage,
+    ShardSummary,
+    StageInputError,
+    complete_stage,
+    now,
+)
 from tasks.pipeline import RS5M_COLUMNS, STAGE_ORDER
 
 
@@ -90,16 +99,20 @@ def ingest_flow(config: PipelineConfig, run_id: str | None = None) -> dict[str, 
     return _stage_result("ingest", summaries, failed)
 
 
-def _run_shard_stage(
-    stage: ShardStage, task: Any, config: PipelineConfig, run_id: str | None
-) -> dict[str, Any]:
-    layout, run_id = Layout(config.workdir), _run_id(run_id)
+def _require_upstream(layout: Layout, stage: ShardStage | GlobalStage) -> None:
     states = {s.stage: s.status for s in stage_states(layout, STAGE_ORDER)}
     if states[stage.upstream] != COMPLETE:
         raise StageInputError(
             f"stage {stage.name!r} reads stage {stage.upstream!r}, which is {states[stage.upstream]}; "
             f"run {stage.upstream!r} first (or the whole pipeline)"
         )
+
+
+def _run_shard_stage(
+    stage: ShardStage, task: Any, config: PipelineConfig, run_id: str | None
+) -> dict[str, Any]:
+    layout, run_id = Layout(config.workdir), _run_id(run_id)
+    _require_upstream(layout, stage)
     shard_ids = list(read_manifest(layout, stage.upstream).shards)
     invalidate_manifest(layout, stage.name)
     futures = task.map(
@@ -127,6 +140,25 @@ def _run_shard_stage(
     return _stage_result(stage.name, summaries, failed)
 
 
+def _run_global_stage(
+    stage: GlobalStage, task: Any, config: PipelineConfig, run_id: str | None
+) -> dict[str, Any]:
+    """One task over all shards (the stage needs them together); a new or changed shard reruns it whole."""
+    layout, run_id = Layout(config.workdir), _run_id(run_id)
+    _require_upstream(layout, stage)
+    invalidate_manifest(layout, stage.name)
+    summary = task(workdir=str(layout.root), config=config, run_id=run_id)
+    complete_stage(
+        layout,
+        stage=stage.name,
+        upstream=stage.upstream,
+        unit_fingerprints={GLOBAL_UNIT: stage.fingerprint(config)},
+        run_id=run_id,
+    )
+    _refresh(layout)
+    return _stage_result(stage.name, [summary], {})
+
+
 @flow(name="keyword", log_prints=True)
 def keyword_flow(config: PipelineConfig, run_id: str | None = None) -> dict[str, Any]:
     """RS keyword filter over every ingest shard."""
@@ -145,11 +177,46 @@ def validate_flow(config: PipelineConfig, run_id: str | None = None) -> dict[str
     return _run_shard_stage(validate.VALIDATE, validate.validate_task, config, run_id)
 
 
+@flow(name="embed", log_prints=True)
+def embed_flow(config: PipelineConfig, run_id: str | None = None) -> dict[str, Any]:
+    """CLIP image and caption embeddings and perceptual hashes of every validated image."""
+    return _run_shard_stage(embed.EMBED, embed.embed_task, config, run_id)
+
+
+@flow(name="filter", log_prints=True)
+def filter_flow(config: PipelineConfig, run_id: str | None = None) -> dict[str, Any]:
+    """clip_score and rs_score thresholds (scores from the stored embeddings: no model pass over images)."""
+    return _run_shard_stage(FILTER, filter_task, config, run_id)
+
+
+@flow(name="dedup", log_prints=True)
+def dedup_flow(config: PipelineConfig, run_id: str | None = None) -> dict[str, Any]:
+    """Exact, perceptual and embedding near-duplicates across all shards; the best clip_score is kept."""
+    return _run_global_stage(dedup.DEDUP, dedup.dedup_task, config, run_id)
+
+
+@flow(name="decontaminate", log_prints=True)
+def decontaminate_flow(config: PipelineConfig, run_id: str | None = None) -> dict[str, Any]:
+    """Drop training samples that near-copy an image of a configured evaluation set."""
+    return _run_shard_stage(decontaminate.DECONTAMINATE, decontaminate.decontaminate_task, config, run_id)
+
+
+@flow(name="shard", log_prints=True)
+def shard_flow(config: PipelineConfig, run_id: str | None = None) -> dict[str, Any]:
+    """The released dataset: Parquet shards (and optionally WebDataset tars), split and manifest."""
+    return _run_global_stage(shard.SHARD, shard.shard_task, config, run_id)
+
+
 STAGE_FLOWS = {
     "ingest": ingest_flow,
     "keyword": keyword_flow,
     "download": download_flow,
     "validate": validate_flow,
+    "embed": embed_flow,
+    "filter": filter_flow,
+    "dedup": dedup_flow,
+    "decontaminate": decontaminate_flow,
+    "shard": shard_flow,
 }
 
 
@@ -165,11 +232,18 @@ def publish_funnel(report: FunnelReport, workdir: str) -> None:
     create_markdown_artifact(
         key="pub11-summary", markdown=funnel_markdown(report, workdir), description="PUB11 run summary"
     )
+    if report.eval_overlap:
+        create_table_artifact(
+            key="pub11-eval-overlap",
+            table=[{"eval_set": name, "contaminated": n} for name, n in report.eval_overlap.items()],
+            description="Training samples dropped as near-copies of evaluation images, per evaluation set",
+        )
 
 
 @flow(name="pub11", log_prints=True)
 def pub11_flow(config: PipelineConfig, stages: list[str] | None = None):
-    """The PUB11 pipeline: ingest -> keyword -> download -> validate (or the listed stages, in order)."""
+    """The PUB11 pipeline: ingest -> keyword -> download -> validate -> embed -> filter -> dedup ->
+    decontaminate -> shard (or the listed stages, in order)."""
     layout, run_id = Layout(config.workdir), _run_id(None)
     selected = [s for s in STAGE_ORDER if stages is None or s in stages]
     record: dict[str, Any] = {

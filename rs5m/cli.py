@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from rs5m.config import ConfigError, PipelineConfig, load_config
+from rs5m.detector_cli import add_train_detector_parser
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -59,7 +60,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import yaml
 
     from rs5m.config import parse_config
-    from rs5m.demo import DemoServer, write_demo_sources
+    from rs5m.demo import DemoServer, write_demo_eval_set, write_demo_sources
     from storage.atomic import write_text
     from storage.layout import Layout
 
@@ -71,6 +72,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with DemoServer(port=args.port) as server:
         print(f"demo corpus served at {server.base_url}")
         write_demo_sources(layout.demo_sources(), server.base_url)
+        write_demo_eval_set(layout.root / "demo_eval")
         # the resolved config, so single stages can be rerun by hand: rs5m run WORKDIR/demo-config.yaml
         write_text(
             layout.root / "demo-config.yaml", yaml.safe_dump(config.model_dump(mode="json", by_alias=True))
@@ -79,6 +81,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(
         "\nThe demo's images are synthetic and its URLs are on loopback.\n"
         f"Outputs in {workdir}:\n"
+        f"  dataset/            the final Parquet shards, WebDataset tars and manifest.json\n"
         f"  catalog.duckdb      views: samples, ledger, funnel, stages (duckdb -readonly {layout.catalog})\n"
         f"  <stage>/data/       survivors per shard (Parquet); <stage>/ledger/ fates per shard\n"
         f"  funnel again:       rs5m report {workdir}"
@@ -102,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("workdir")
     report.add_argument("--json", action="store_true", help="machine-readable funnel")
     report.set_defaults(handler=cmd_report)
+
+    add_train_detector_parser(commands)
 
     demo = commands.add_parser(
         "demo", help="build a synthetic corpus, serve it on loopback, run the pipeline"

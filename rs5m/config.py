@@ -16,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 _SPEED_ONLY = {"affects_output": False}
 
 
+# Paths whose content the stage hashes itself: moving the files reruns nothing.
+_CONTENT_HASHED = {"affects_output": False}
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -113,7 +117,9 @@ class FilterConfig(Strict):
     )
     rs_prompts: str = Field("rs-v1", description="Shipped prompt ensemble version or a path to one (JSON).")
     detector: str | None = Field(
-        None, description="Name of a linear probe trained by `rs5m train-detector` in the work directory."
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="Name of a linear probe trained by `rs5m train-detector` in the work directory.",
     )
 
 
@@ -134,7 +140,10 @@ class DedupConfig(Strict):
 
 class EvalSetConfig(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
-    path: str = Field(description="A folder of evaluation images (searched recursively).")
+    path: str = Field(
+        description="A folder of evaluation images (searched recursively).",
+        json_schema_extra=_CONTENT_HASHED,
+    )
 
 
 class DecontaminateConfig(Strict):
@@ -206,7 +215,7 @@ def _describe(error: ValidationError, origin: str) -> str:
 def parse_config(
     data: dict[str, Any], origin: str = "<dict>", base_dir: Path | None = None
 ) -> PipelineConfig:
-    """Validate a config mapping; relative workdir and source paths resolve against base_dir."""
+    """Validate a config mapping; relative paths (workdir, sources, lists, eval sets) resolve against base_dir."""
     try:
         config = PipelineConfig.model_validate(data)
     except ValidationError as error:
@@ -223,12 +232,28 @@ def parse_config(
                     for name in ("keywords", "exclusions")
                 }
             ),
+            "filter": config.filter.model_copy(
+                update={"rs_prompts": _resolve_list(config.filter.rs_prompts, base_dir)}
+            ),
+            "decontaminate": config.decontaminate.model_copy(
+                update={
+                    "eval_sets": [
+                        s.model_copy(update={"path": str(_resolve_path(s.path, base_dir))})
+                        for s in config.decontaminate.eval_sets
+                    ]
+                }
+            ),
         }
     )
 
 
+def _resolve_path(value: str, base_dir: Path) -> Path:
+    return Path(value) if Path(value).is_absolute() else (base_dir / value).resolve()
+
+
 def _resolve_list(value: str, base_dir: Path) -> str:
-    """A keyword list given as a relative file path resolves against the config; a version name stays."""
+    """A list (keywords, prompts) given as a relative file path resolves against the config; a version
+    name stays."""
     candidate = base_dir / value
     return str(candidate.resolve()) if not Path(value).is_absolute() and candidate.is_file() else value
 

@@ -6,7 +6,9 @@ deterministic: fixed seeds, numpy's PCG64 streams, integer drawing with PIL, JPE
 same Pillow and numpy versions should give the same bytes on any machine (checked across processes, not
 across machines). Later stages are designed for too: RS captions on ordinary photos (for the CLIP /
 RS-domain filter) and duplicates of several kinds (for exact, URL, perceptual and embedding dedup) survive
-validate, each tagged with the image it copies.
+validate, each tagged with the image it copies: `expected_dedup()` lists the duplicate groups they form.
+`write_demo_eval_set()` writes the evaluation image folder for decontaminate: transformed copies of a few
+training tiles (`expected_contaminated()`) and unrelated tiles that must match nothing.
 """
 
 from __future__ import annotations
@@ -18,18 +20,21 @@ import socketserver
 import struct
 import threading
 import zlib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
-from storage.atomic import write_parquet, write_text
+from models.perceptual_hash import DEFAULT_MAX_DISTANCE, HASH_BITS, dct_hashes, hash_neighbours
+from storage.atomic import write_bytes, write_parquet, write_text
 
 STAGES = ("ingest", "keyword", "download", "validate")
 # Source name -> file name under the demo source folder; configs/demo.yaml names the same files.
@@ -676,6 +681,125 @@ def expected_funnel(corpus: DemoCorpus | None = None) -> dict[str, dict[str, dic
         for counts in per_source.values():
             counts["dropped"] = dict(sorted(counts["dropped"].items()))
     return funnel
+
+
+# ---------------------------------------------------------------- dedup and decontaminate design
+
+# A survivor row, independent of the server's port (sample ids are not: they hash the full URL).
+RowKey = tuple[str, str, str]  # (source, URL path, caption)
+EVAL_SEED = 7_000_003  # the unrelated eval tiles: another seed than the corpus's, so no tile is shared
+EVAL_UNRELATED_KINDS = ("fields", "roads", "river", "coast")
+# Eval images keep at least this rotation/flip-invariant distance from every training survivor but the one
+# they copy: the demo config's threshold plus the 5 bits a rotation, flip or re-encoding can move a hash
+# (models/perceptual_hash.py), so an eval copy is within the threshold of its original and of nothing else.
+EVAL_MIN_DISTANCE = DEFAULT_MAX_DISTANCE + 6
+# The eval copies, one per source: new bytes, so only the rotation/flip-invariant perceptual check finds them.
+EVAL_COPY_TRANSFORMS: tuple[tuple[str, Image.Transpose | None, int], ...] = (
+    ("rotated", Image.Transpose.ROTATE_90, JPEG_QUALITY),
+    ("flipped", Image.Transpose.FLIP_TOP_BOTTOM, JPEG_QUALITY),
+    ("reencoded", None, REENCODE_QUALITY),
+)
+
+
+@dataclass(frozen=True)
+class EvalImage:
+    body: bytes
+    copy_of: str | None  # server path of the training tile it copies; None for an unrelated image
+
+
+def row_key(source: str, url: str, caption: str) -> RowKey:
+    """The key of a pipeline row (its source, URL and caption columns) as expected_dedup names rows."""
+    return source, urlsplit(url).path, caption
+
+
+def _survivors(corpus: DemoCorpus) -> list[DemoRow]:
+    return [row for row in corpus.rows if row.fate is None]
+
+
+def expected_dedup(corpus: DemoCorpus | None = None) -> list[set[RowKey]]:
+    """The designed duplicate groups among validate survivors, each a set of row keys, in corpus order.
+
+    Rows are in one group when they share a URL path (same URL, other caption or other source) or one is a
+    `copy_of` the other (same bytes elsewhere, re-encoded, rotated, flipped). Every member of a group is an
+    exact or perceptual duplicate of every other (tests/test_demo_corpus.py), and no two survivors of
+    different groups are, so dedup with the demo config keeps exactly one row per group; which one depends on
+    the clip_scores, random with the demo's untrained CLIP.
+    """
+    corpus = corpus or demo_corpus()
+    parent: dict[str, str] = {}
+
+    def root(path: str) -> str:
+        while parent.get(path, path) != path:
+            path = parent[path]
+        return path
+
+    survivors = _survivors(corpus)
+    for row in survivors:
+        if row.copy_of is not None:
+            parent[root(row.path)] = root(row.copy_of)
+    groups: dict[str, set[RowKey]] = {}
+    for row in survivors:
+        groups.setdefault(root(row.path), set()).add((row.source, row.path, row.caption))
+    return [group for group in groups.values() if len(group) > 1]
+
+
+def _nearest_distances(survivors: np.ndarray, candidates: list[bytes]) -> list[int]:
+    """Each candidate image's rotation/flip-invariant distance to the nearest of the survivors' hashes."""
+    queries, _, distances = hash_neighbours(survivors, HASH_BITS - 1, queries=dct_hashes(candidates))
+    return [int(distances[queries == index].min()) for index in range(len(candidates))]
+
+
+def _eval_copy_originals(corpus: DemoCorpus, survivor_paths: list[str], hashes: np.ndarray) -> list[DemoRow]:
+    """Per source, the first RS tile that survives validate, has no designed duplicate (no other row shares
+    its URL or copies it, so it reaches decontaminate whatever dedup keeps) and is EVAL_MIN_DISTANCE from
+    every other survivor (so its eval copy matches it alone)."""
+    shared = Counter(row.path for row in corpus.rows)
+    copied = {row.copy_of for row in corpus.rows}
+    position = {path: index for index, path in enumerate(survivor_paths)}
+    originals = []
+    for source in SOURCE_FILES:
+        for row in corpus.source_rows(source):
+            if row.category != "rs_tile" or shared[row.path] > 1 or row.path in copied:
+                continue
+            others = np.delete(hashes, position[row.path], axis=0)
+            if _nearest_distances(others, [corpus.resources[row.path].body])[0] >= EVAL_MIN_DISTANCE:
+                originals.append(row)
+                break
+    return originals
+
+
+def eval_set_images(corpus: DemoCorpus | None = None) -> dict[str, EvalImage]:
+    """The demo eval set by file name: transformed copies of training tiles, then unrelated new tiles."""
+    corpus = corpus or demo_corpus()
+    survivor_paths = sorted({row.path for row in _survivors(corpus)})
+    hashes = dct_hashes(corpus.resources[path].body for path in survivor_paths)
+    images = {}
+    originals = _eval_copy_originals(corpus, survivor_paths, hashes)
+    for (label, transform, quality), original in zip(EVAL_COPY_TRANSFORMS, originals, strict=True):
+        with Image.open(io.BytesIO(corpus.resources[original.path].body)) as decoded:
+            img = decoded.convert("RGB")
+        img = img.transpose(transform) if transform is not None else img
+        images[f"{len(images):02d}_{label}.jpg"] = EvalImage(_jpeg(img, quality), original.path)
+    draws = 0
+    for kind in EVAL_UNRELATED_KINDS:
+        while True:  # a random tile can land near a training one: draw again until it is far from all
+            body = _jpeg(_draw_tile(np.random.default_rng((EVAL_SEED, draws)), kind))
+            draws += 1
+            if _nearest_distances(hashes, [body])[0] >= EVAL_MIN_DISTANCE:
+                break
+        images[f"{len(images):02d}_unrelated_{kind}.jpg"] = EvalImage(body, None)
+    return images
+
+
+def write_demo_eval_set(folder: Path, corpus: DemoCorpus | None = None) -> None:
+    """Write the demo eval set (configs/demo.yaml's decontaminate.eval_sets) as JPEG files into folder."""
+    for name, image in eval_set_images(corpus).items():
+        write_bytes(Path(folder) / name, image.body)
+
+
+def expected_contaminated(corpus: DemoCorpus | None = None) -> set[str]:
+    """URL paths of the training rows the demo eval set copies: decontaminate drops exactly these."""
+    return {image.copy_of for image in eval_set_images(corpus).values() if image.copy_of is not None}
 
 
 # ---------------------------------------------------------------- source files

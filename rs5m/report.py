@@ -9,6 +9,7 @@ from typing import Any
 from storage.catalog import COMPLETE, open_catalog
 from storage.layout import Layout
 from storage.markers import read_manifest
+from storage.runs import read_run_record
 from tasks.pipeline import PUB11_STAGES, StageInfo
 
 SourceCounts = dict[str, Any]  # {"in": n, "kept": n, "dropped": {reason: n}}
@@ -29,11 +30,21 @@ class StageFunnel:
         return counts[self.info.measure]
 
 
+RANDOM_WEIGHTS_NOTE = (
+    "CLIP has random weights (clip.pretrained is null): clip_score, rs_score and embedding similarities are "
+    "noise; set clip.pretrained to real weights for a real dataset."
+)
+
+
 @dataclass(frozen=True)
 class FunnelReport:
     workdir: str
     stages: list[StageFunnel]
     failed_sources: dict[str, str]
+    eval_overlap: dict[str, int] = field(
+        default_factory=dict
+    )  # eval set -> training samples dropped as copies
+    random_weights: bool = False
 
     @property
     def complete(self) -> list[StageFunnel]:
@@ -59,6 +70,8 @@ class FunnelReport:
             ],
             "remain": {name: self.remain(name) for name in self.sources},
             "failed_sources": self.failed_sources,
+            "eval_overlap": self.eval_overlap,
+            "notes": [RANDOM_WEIGHTS_NOTE] if self.random_weights else [],
         }
 
 
@@ -67,6 +80,13 @@ def load_funnel(layout: Layout) -> FunnelReport:
     try:
         status = dict(con.sql("SELECT stage, status FROM stages").fetchall())
         rows = con.sql("SELECT stage, source, fate, reason, n FROM funnel").fetchall()
+        # decontaminate's detail starts "eval set <name>: ..." (tasks/decontaminate.py)
+        overlap = dict(
+            con.sql(
+                "SELECT regexp_extract(detail, '^eval set ([^:]+):', 1) AS eval_set, count(*) FROM ledger "
+                "WHERE stage = 'decontaminate' AND reason = 'contaminated' GROUP BY ALL ORDER BY eval_set"
+            ).fetchall()
+        )
     finally:
         con.close()
     per_stage: dict[str, dict[str, SourceCounts]] = {}
@@ -83,17 +103,38 @@ def load_funnel(layout: Layout) -> FunnelReport:
     ]
     complete = [s for s in stages if s.status == COMPLETE]
     manifest = read_manifest(layout, complete[-1].info.name) if complete else None
-    return FunnelReport(str(layout.root), stages, manifest.failed_sources if manifest else {})
+    return FunnelReport(
+        str(layout.root),
+        stages,
+        manifest.failed_sources if manifest else {},
+        eval_overlap=overlap,
+        random_weights=_uses_random_weights(layout, stages),
+    )
+
+
+def _uses_random_weights(layout: Layout, stages: list[StageFunnel]) -> bool:
+    """Whether the newest run that embedded anything used an unpretrained CLIP."""
+    if not any(s.info.name == "embed" and s.status == COMPLETE for s in stages):
+        return False
+    records = [read_run_record(layout, path.stem) for path in (layout.root / "runs").glob("*.json")]
+    embedded = [r for r in records if r and "embed" in r.get("stages", [])]
+    if not embedded:
+        return False
+    newest = max(embedded, key=lambda r: r.get("started_at", ""))
+    return newest["config"].get("clip", {}).get("pretrained") is None
 
 
 def _matrix(report: FunnelReport) -> tuple[list[str], list[list[str]]]:
-    header = ["source", *(f"{s.info.rs5m_column} ({s.info.name})" for s in report.complete), "remain"]
+    """Sources by stages, each cell the number RS5M's table reports for that stage; a final `remain` column
+    unless the last complete stage is the one that reports it."""
+    with_remain = report.complete[-1].info.rs5m_column != "remain"
+    header = ["source", *(f"{s.info.rs5m_column} ({s.info.name})" for s in report.complete)]
+    header += ["remain"] if with_remain else []
     rows = []
     for name in [*report.sources, "total"]:
         names = report.sources if name == "total" else [name]
-        row = [name]
-        row += [str(sum(stage.measure(n) for n in names)) for stage in report.complete]
-        row.append(str(sum(report.remain(n) for n in names)))
+        row = [name, *(str(sum(stage.measure(n) for n in names)) for stage in report.complete)]
+        row += [str(sum(report.remain(n) for n in names))] if with_remain else []
         rows.append(row)
     return header, rows
 
@@ -132,7 +173,15 @@ def funnel_text(report: FunnelReport) -> str:
             lines.append(f"  {stage.info.name}: {stage.status.replace('_', ' ')}")
     for name, error in sorted(report.failed_sources.items()):
         lines.append(f"  FAILED source {name}: {error}")
+    if report.eval_overlap:
+        lines.append("Evaluation-set overlap (training samples dropped as near-copies): " + _overlap(report))
+    if report.random_weights:
+        lines.append(f"NOTE: {RANDOM_WEIGHTS_NOTE}")
     return "\n".join(lines)
+
+
+def _overlap(report: FunnelReport) -> str:
+    return ", ".join(f"{name} {n}" for name, n in report.eval_overlap.items())
 
 
 def funnel_markdown(report: FunnelReport, workdir: str) -> str:
@@ -145,6 +194,10 @@ def funnel_markdown(report: FunnelReport, workdir: str) -> str:
     lines.append("\nOutputs: `samples` and `ledger` views in `catalog.duckdb`; shards under `<stage>/data/`.")
     for name, error in sorted(report.failed_sources.items()):
         lines.append(f"\n**Failed source `{name}`**: {error}")
+    if report.eval_overlap:
+        lines.append(f"\nEvaluation-set overlap (dropped as near-copies): {_overlap(report)}")
+    if report.random_weights:
+        lines.append(f"\n**Note:** {RANDOM_WEIGHTS_NOTE}")
     return "\n".join(lines)
 
 

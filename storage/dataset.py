@@ -5,8 +5,8 @@ WORKDIR/dataset/
   <split>/part-00000.parquet ...        DATASET_SCHEMA rows, in the order the plan gives them
   webdataset/<split>/shard-00000.tar    (optional) the same samples as part-00000.parquet, same order
 
-A part is closed once it holds `rows_per_shard` rows or its image bytes reach `bytes_per_shard` (so a part
-passes the byte budget by less than one image; a single image above the budget makes a part of its own).
+A part is closed once it holds `rows_per_shard` rows or its image bytes reach `bytes_per_shard`: the image
+that reaches the budget is the part's last, so a part passes the budget by less than one image.
 
 Commit protocol: the manifest is removed first, every file is written atomically, the manifest is written
 last, and then every file the manifest does not name (parts of an earlier, larger run; temporaries of a
@@ -162,6 +162,8 @@ def write_dataset(layout: Layout, plan: DatasetPlan) -> DatasetManifest:
                 rows = batch.filter(pc.equal(batch.column("split"), split))
                 if rows.num_rows:
                     writer.add(rows)
+                del rows
+            del batch  # before the next batch is read: at most one batch's images are held
         for writer in writers.values():
             writer.finish()
     except BaseException:
@@ -273,7 +275,9 @@ class _Part:
         while start < rows.num_rows:
             bytes_left = ROW_GROUP_IMAGE_BYTES - self._pending_bytes
             take, full = _rows_to_take(lengths[start:], ROW_GROUP_ROWS - self._pending_rows, bytes_left)
-            self._pending.append(rows.slice(start, take))
+            piece = rows.slice(start, take)
+            # a group left open keeps a copy, not a view: a view would keep the whole batch in memory
+            self._pending.append(piece if full else piece.take(np.arange(take)))
             self._pending_rows += take
             self._pending_bytes += int(lengths[start : start + take].sum())
             start += take

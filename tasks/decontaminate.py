@@ -36,6 +36,7 @@ import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from models.clip import file_sha256
 from models.near_duplicates import embedding_neighbours
 from models.perceptual_hash import dct_hash, hash_neighbours
 from rs5m.config import DecontaminateConfig, EvalSetConfig, PipelineConfig
@@ -90,12 +91,10 @@ def eval_files(eval_set: EvalSetConfig) -> list[Path]:
 
 
 def eval_set_key(eval_set: EvalSetConfig, files: list[Path], model: dict[str, str]) -> str:
-    """Hash of the model identity and the set's relative file names, sizes and mtimes."""
+    """Hash of the model identity and the set's relative file names and contents (not where the folder is
+    or when its files were written: a copied eval set is the same eval set)."""
     folder = Path(eval_set.path)
-    listing = []
-    for path in files:
-        stat = path.stat()
-        listing.append([path.relative_to(folder).as_posix(), stat.st_size, stat.st_mtime_ns])
+    listing = [[path.relative_to(folder).as_posix(), file_sha256(path)] for path in files]
     payload = json.dumps({"version": INDEX_VERSION, "model": model, "files": listing}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

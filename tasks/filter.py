@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from models.clip import ClipEncoder
+from models.clip import ClipEncoder, ClipSpec
 from models.rs_detector import check_detector_name, load_detector
 from rs5m.config import FilterConfig, PipelineConfig
 from storage.layout import Layout
@@ -202,6 +203,10 @@ def detector_path(config: PipelineConfig) -> Path | None:
     return Layout(config.workdir).detector(check_detector_name(config.filter.detector))
 
 
+_ZERO_SHOT_LOCK = threading.Lock()
+_ZERO_SHOT_SCORERS: dict[tuple[ClipSpec, str], ZeroShotRsScorer] = {}
+
+
 def build_rs_scorer(config: PipelineConfig) -> RsScorer:
     """The configured rs_score: the linear probe when filter.detector is set, else zero-shot prompts."""
     path = detector_path(config)
@@ -209,9 +214,14 @@ def build_rs_scorer(config: PipelineConfig) -> RsScorer:
         # checked against the model identity: a probe trained for other embeddings is refused here
         return load_detector(path, clip_spec(config.clip).identity()).score
     ensemble = PromptEnsemble.read(resolve_prompts(config.filter.rs_prompts))
-    shared = shared_encoder(config.clip)
-    with shared.lock:
-        return ZeroShotRsScorer(ensemble, shared.encoder)
+    key = (clip_spec(config.clip), ensemble.identity)
+    with _ZERO_SHOT_LOCK:
+        # every shard task builds a processor: the class embeddings are computed once per process
+        if key not in _ZERO_SHOT_SCORERS:
+            shared = shared_encoder(config.clip)
+            with shared.lock:
+                _ZERO_SHOT_SCORERS[key] = ZeroShotRsScorer(ensemble, shared.encoder)
+        return _ZERO_SHOT_SCORERS[key]
 
 
 def filter_identity(config: PipelineConfig) -> dict[str, str]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from tasks import download, ingest, keyword, validate
+import tasks.filter
+from tasks import decontaminate, dedup, download, embed, ingest, keyword, shard, validate
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,11 @@ PUB11_STAGES: tuple[StageInfo, ...] = (
     StageInfo("keyword", "after RS keyword filtering", "kept", keyword.REASONS),
     StageInfo("download", "downloaded", "kept", download.REASONS),
     StageInfo("validate", "invalid images removed", "dropped", validate.REASONS),
+    StageInfo("embed", "(ours) embedded", "kept", embed.REASONS),
+    StageInfo("filter", "non-RS outliers removed", "dropped", tasks.filter.REASONS),
+    StageInfo("dedup", "duplicates removed", "dropped", dedup.REASONS),
+    StageInfo("decontaminate", "(ours) eval-set copies removed", "dropped", decontaminate.REASONS),
+    StageInfo("shard", "remain", "kept", shard.REASONS),
 )
 STAGE_ORDER: tuple[str, ...] = tuple(s.name for s in PUB11_STAGES)
 RS5M_COLUMNS: dict[str, str] = {s.name: s.rs5m_column for s in PUB11_STAGES}

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -62,9 +62,9 @@ def keep_all(tables: dict[str, pa.Table], _arrays: dict) -> dict[str, ShardOutco
 def dataset_rows(layout: Layout, shard_id: str, kept: pa.Table, config: ShardConfig) -> pa.Table:
     """One upstream shard's kept rows as DATASET_SCHEMA rows, sorted by sample_id, with their images."""
     kept = kept.take(pc.sort_indices(kept, [("sample_id", "ascending")]))
-    images = ds.dataset(layout.data(IMAGE_STAGE, shard_id), format="parquet").to_table(
-        columns=["sample_id", "image"], filter=pc.field("sample_id").isin(kept.column("sample_id"))
-    )
+    # the file's two columns, then a take: faster than a pushed-down `isin` filter; only one upstream
+    # shard's images are in memory at a time
+    images = pq.read_table(layout.data(IMAGE_STAGE, shard_id), columns=["sample_id", "image"])
     positions = pc.index_in(kept.column("sample_id"), value_set=images.column("sample_id"))
     if positions.null_count:
         missing = kept.filter(pc.is_null(positions)).column("sample_id")[0]

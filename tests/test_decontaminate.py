@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -170,7 +171,12 @@ def test_eval_index_is_cached_and_keyed_by_files(
     again = build_eval_index(layout, config).sets[0]
     np.testing.assert_array_equal(again.hashes, built.hashes)
     fingerprint = DECONTAMINATE.fingerprint(config)
-    os.utime(folder / "img0.jpg", ns=(1, 1))  # a changed file: new key, new fingerprint
+    os.utime(folder / "img0.jpg", ns=(1, 1))  # touched, same content: same key (content is hashed)
+    assert DECONTAMINATE.fingerprint(config) == fingerprint
+    moved = tmp_path / "moved-eval"
+    shutil.copytree(folder, moved)  # the same images elsewhere: same eval set
+    assert DECONTAMINATE.fingerprint(config_for(tmp_path, moved)) == fingerprint
+    (folder / "img0.jpg").write_bytes((folder / "img2.jpg").read_bytes())  # changed content: new key
     assert DECONTAMINATE.fingerprint(config) != fingerprint
     with pytest.raises(pytest.fail.Exception, match="cache not used"):
         build_eval_index(layout, config)

@@ -20,10 +20,12 @@ import pytest
 import yaml
 from PIL import Image, UnidentifiedImageError
 
+from models.perceptual_hash import DEFAULT_MAX_DISTANCE, dct_hashes, hash_neighbours
 from rs5m import demo
-from rs5m.config import PipelineConfig, parse_config
+from rs5m.config import EvalSetConfig, PipelineConfig, parse_config
 from storage.schemas import DOWNLOAD_SCHEMA
-from tasks.ingest import SourceIngester
+from tasks.decontaminate import eval_files
+from tasks.ingest import SourceIngester, normalise_url
 from tasks.keyword import KeywordMatcher, filter_shard
 from tasks.stage import ShardOutcome
 from tasks.validate import validate_shard
@@ -83,6 +85,7 @@ def test_two_builds_give_identical_rows_bytes_and_source_files(
     assert rebuilt.rows == corpus.rows
     assert [row.extra for row in rebuilt.rows] == [row.extra for row in corpus.rows]
     assert _digest(rebuilt) == _digest(corpus)
+    assert demo.eval_set_images(rebuilt) == demo.eval_set_images(corpus)
 
     demo.write_demo_sources(tmp_path / "a", "http://127.0.0.1:8765", corpus)
     demo.write_demo_sources(tmp_path / "b", "http://127.0.0.1:8765", rebuilt)
@@ -308,3 +311,101 @@ def test_stage_functions_meet_the_designed_fates(corpus: demo.DemoCorpus, tmp_pa
             expected = funnel[stage][source]
             dropped = {key.split(":", 1)[1]: n for key, n in counts.items() if key.startswith("dropped:")}
             assert (counts["kept"], dropped) == (expected["kept"], expected["dropped"]), (stage, source)
+
+
+def test_demo_config_keeps_noise_scores_out_of_the_later_stages(config: PipelineConfig) -> None:
+    """expected_dedup and expected_contaminated hold only with these values: the random CLIP's scores and
+    embeddings must decide nothing, and the perceptual threshold is the one the eval set is designed for."""
+    assert config.clip.pretrained is None
+    assert (config.filter.clip_score_min, config.filter.rs_score_min) == (-1.0, 0.0)
+    assert config.dedup.exact and config.dedup.embedding_min_similarity is None
+    assert config.dedup.perceptual_max_distance == DEFAULT_MAX_DISTANCE
+    assert config.decontaminate.embedding_min_similarity is None
+    assert config.decontaminate.perceptual_max_distance == DEFAULT_MAX_DISTANCE
+    assert [(s.name, s.path) for s in config.decontaminate.eval_sets] == [("demo_eval", "demo_eval")]
+    assert config.shard.webdataset and 0 < config.shard.val_fraction < 0.5
+
+
+def _survivor_bodies(corpus: demo.DemoCorpus, server: demo.DemoServer) -> dict[str, bytes]:
+    """The served body of every URL path a validate survivor points at."""
+    bodies = {}
+    for path in sorted({row.path for row in corpus.rows if row.fate is None}):
+        status, _, body = _get(server, path)
+        assert status == 200, path
+        bodies[path] = body
+    return bodies
+
+
+def test_eval_set_copies_match_their_originals_and_nothing_else(
+    corpus: demo.DemoCorpus, server: demo.DemoServer, tmp_path: Path
+) -> None:
+    folder = tmp_path / "demo_eval"
+    demo.write_demo_eval_set(folder, corpus)
+    designed = demo.eval_set_images(corpus)
+    files = eval_files(EvalSetConfig(name="demo_eval", path=str(folder)))
+    assert [file.name for file in files] == sorted(designed)
+    assert {file.name: file.read_bytes() for file in files} == {
+        n: image.body for n, image in designed.items()
+    }
+
+    bodies = _survivor_bodies(corpus, server)
+    paths = list(bodies)
+    training = dct_hashes(bodies.values())
+    eval_hashes = dct_hashes(file.read_bytes() for file in files)
+    queries, matches, _ = hash_neighbours(training, DEFAULT_MAX_DISTANCE, queries=eval_hashes)
+    matched = {name: set() for name in designed}
+    for query, match in zip(queries.tolist(), matches.tolist(), strict=True):
+        matched[files[query].name].add(paths[match])
+    assert matched == {n: {image.copy_of} if image.copy_of else set() for n, image in designed.items()}
+
+    copies = {n: image for n, image in designed.items() if image.copy_of is not None}
+    assert len(copies) == 3 and len(designed) - len(copies) == 4
+    assert demo.expected_contaminated(corpus) == {image.copy_of for image in copies.values()}
+    for name, image in copies.items():
+        assert image.body != bodies[image.copy_of], name  # not an exact copy: only the hash can find it
+        if "reencoded" not in name:
+            # rotated/flipped: the plain Hamming distance misses it, only the dihedral minimum finds it
+            plain = np.unpackbits(dct_hashes([image.body])[0] ^ dct_hashes([bodies[image.copy_of]])[0])
+            assert plain.sum() > DEFAULT_MAX_DISTANCE, name
+    grouped = {path for group in demo.expected_dedup(corpus) for _, path, _ in group}
+    assert not grouped & demo.expected_contaminated(corpus)  # each copied tile survives dedup alone
+
+
+def test_designed_dedup_groups_are_exactly_the_duplicates_among_survivors(
+    corpus: demo.DemoCorpus, server: demo.DemoServer
+) -> None:
+    """Within a group every two rows share a normalised URL or a sha256 or are within the perceptual
+    threshold; no two rows of different groups (or singletons) are. With no chaining in dedup's grouping,
+    the demo run then keeps exactly one row per designed group, whatever the clip_scores."""
+    survivors = [row for row in corpus.rows if row.fate is None]
+    bodies = _survivor_bodies(corpus, server)
+    keys = [demo.row_key(row.source, row.url(server.base_url), row.caption) for row in survivors]
+    assert keys == [(row.source, row.path, row.caption) for row in survivors]
+    assert len(set(keys)) == len(keys)
+
+    urls = [normalise_url(row.url(server.base_url)) for row in survivors]
+    shas = [hashlib.sha256(bodies[row.path]).hexdigest() for row in survivors]
+    paths = list(bodies)
+    index_of_path = {path: index for index, path in enumerate(paths)}
+    first, second, distances = hash_neighbours(dct_hashes(bodies.values()), 63)
+    distance = np.zeros((len(paths), len(paths)), dtype=np.int64)
+    distance[first, second] = distance[second, first] = distances
+    rows_at = [index_of_path[row.path] for row in survivors]
+
+    def linked(a: int, b: int) -> bool:
+        near = distance[rows_at[a], rows_at[b]] <= DEFAULT_MAX_DISTANCE
+        return urls[a] == urls[b] or shas[a] == shas[b] or bool(near)
+
+    group_of = {key: index for index, group in enumerate(demo.expected_dedup(corpus)) for key in group}
+    within, across = [], []
+    for a in range(len(survivors)):
+        for b in range(a + 1, len(survivors)):
+            same_group = keys[a] in group_of and group_of.get(keys[a]) == group_of.get(keys[b])
+            assert linked(a, b) == same_group, (keys[a], keys[b])
+            bits = int(distance[rows_at[a], rows_at[b]])
+            (within if same_group else across).append(bits)
+    assert all(len(group) >= 2 for group in demo.expected_dedup(corpus))
+    assert max(within) <= 5 and min(across) > DEFAULT_MAX_DISTANCE  # the measured margins: 1 and 13 bits
+    copies = {row.category for row in survivors if row.copy_of is not None}
+    grouped = {survivors[keys.index(key)].category for key in group_of}
+    assert copies <= grouped and "rs_tile" in grouped

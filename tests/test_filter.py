@@ -189,7 +189,7 @@ def encoder():
     return load_clip(TINY, num_workers=0)
 
 
-def test_zero_shot_scorer_with_the_tiny_model(encoder):
+def test_zero_shot_scorer_with_the_tiny_model(encoder, tmp_path):
     scorer = ZeroShotRsScorer(PromptEnsemble.read(resolve_prompts("rs-v1")), encoder)
     assert scorer.class_emb.shape == (15, 64)
     np.testing.assert_allclose(np.linalg.norm(scorer.class_emb, axis=1), 1.0, rtol=1e-5)
@@ -198,6 +198,11 @@ def test_zero_shot_scorer_with_the_tiny_model(encoder):
     expected = zero_shot_rs_probability(image_emb, scorer.class_emb, scorer.is_rs_class, 1 / 0.07)
     np.testing.assert_allclose(scorer(image_emb), expected, rtol=1e-5)
     assert np.all((scorer(image_emb) > 0) & (scorer(image_emb) < 1))
+    # the stage's scorer: same class embeddings, built once per process for all shard tasks
+    config = pipeline_config(tmp_path)
+    stage_scorer = build_rs_scorer(config)
+    assert stage_scorer is build_rs_scorer(config)
+    np.testing.assert_allclose(stage_scorer(image_emb), scorer(image_emb), rtol=1e-6)
 
 
 def test_fit_logistic_separates_and_is_deterministic():

@@ -1,0 +1,130 @@
+"""Benchmark: the embed stage from a shard's JPEG bytes against a bare loop of the same model.
+
+Baseline: in the main process, for each batch, PIL decode + open_clip's preprocessing, stack, encode_image,
+L2-normalise, float16 (what a notebook would write). Candidate: tasks.embed.embed_shard on a VALIDATE_SCHEMA
+table of the same bytes: the encoder's DataLoader (worker processes) or GPU decode path, plus the caption
+embeddings and the perceptual hash the stage also computes. Same model, batch size and dtype; images/s and
+the ratio candidate/baseline are printed (run order alternates; medians over --repeats).
+
+CPU (the issue's setting): ViT-B-32, random weights, 512 images. On a GPU machine run it from the source tree
+with --device cuda --precision bf16 and compare with STACK_NOTES (PIL DataLoader 1.6k img/s, nvjpeg 12.1k).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RSSCN7 = REPO.parent / "shared" / "data" / "rsscn7" / "images"
+
+
+def jpeg_bytes(count: int) -> list[bytes]:
+    """Real RSSCN7 JPEGs (400x400) repeated to `count`, or generated ones when ../shared is absent."""
+    files = sorted(RSSCN7.rglob("*.jpg")) if RSSCN7.is_dir() else []
+    if files:
+        return [files[i % len(files)].read_bytes() for i in range(count)]
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (400, 400, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def bare_loop(encoder, images: list[bytes], batch_size: int) -> np.ndarray:
+    import torch
+    from PIL import Image
+
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = [
+                encoder.preprocess(Image.open(io.BytesIO(data)).convert("RGB"))
+                for data in images[start : start + batch_size]
+            ]
+            pixels = torch.stack(batch).to(encoder.device, dtype=encoder.dtype)
+            features = encoder.model.encode_image(pixels).float()
+            chunks.append(torch.nn.functional.normalize(features, dim=-1).cpu().numpy().astype(np.float16))
+    return np.concatenate(chunks)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--num-workers", type=int, default=2, help="the stage's DataLoader workers (CPU)")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    import pyarrow as pa
+
+    from models.clip import ClipSpec, load_clip
+    from storage.schemas import VALIDATE_SCHEMA
+    from tasks.embed import embed_shard
+
+    images = jpeg_bytes(args.images)
+    n = len(images)
+    table = pa.table(
+        {
+            "sample_id": [f"s{i:06d}" for i in range(n)],
+            "source": ["bench"] * n,
+            "url": [f"http://example.org/{i}.jpg" for i in range(n)],
+            "caption": ["an aerial view of farmland"] * n,
+            "extra": [None] * n,
+            "matched_keyword": ["aerial view"] * n,
+            "image": images,
+            "sha256": [""] * n,
+            "width": [400] * n,
+            "height": [400] * n,
+            "image_format": ["JPEG"] * n,
+        }
+    ).cast(VALIDATE_SCHEMA)
+    spec = ClipSpec(model=args.model, precision=args.precision, device=args.device, seed=0)
+    encoder = load_clip(spec, num_workers=args.num_workers)
+    print(
+        f"{args.model} random weights, {args.precision} on {encoder.device}, {n} JPEGs, batch {args.batch_size}, "
+        f"stage decoder {encoder.decoder} with {args.num_workers} workers"
+    )
+    bare_loop(encoder, images[: args.batch_size], args.batch_size)  # warm-up: first-call allocations
+
+    times: dict[str, list[float]] = {"bare": [], "stage": []}
+    for repeat in range(args.repeats):
+        order = ["bare", "stage"] if repeat % 2 == 0 else ["stage", "bare"]
+        for case in order:
+            start = time.perf_counter()
+            if case == "bare":
+                bare = bare_loop(encoder, images, args.batch_size)
+            else:
+                outcome = embed_shard(table, encoder, batch_size=args.batch_size)
+            times[case].append(time.perf_counter() - start)
+            print(f"  repeat {repeat} {case:5s} {times[case][-1]:8.2f} s  {n / times[case][-1]:8.1f} img/s")
+    agreement = float(
+        np.min(np.sum(bare.astype(np.float32) * outcome.arrays["image"].astype(np.float32), axis=1))
+    )
+    bare_s, stage_s = statistics.median(times["bare"]), statistics.median(times["stage"])
+    print(
+        f"median: bare {n / bare_s:.1f} img/s, stage {n / stage_s:.1f} img/s (incl. caption embeddings and phash)"
+    )
+    print(
+        f"stage/bare throughput ratio: {bare_s / stage_s:.2f}; min cosine between the two paths: {agreement:.5f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
