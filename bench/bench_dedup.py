@@ -10,17 +10,29 @@ at k) from --recall-queries random query rows. Last, time and memory are extrapo
 grows as N^1.5 with nlist = 4 sqrt(N); memory is the float16 input plus the 8-bit codes, ids and probe lists
 the IVF search holds (n * (3 * dim + 8 + 12 * nprobe) bytes) on top of the largest run's fixed overhead.
 
-    .venv/bin/python bench/bench_dedup.py --sizes 10000 100000 1000000 --dim 512
+For each size in --perceptual-sizes, another child process times the perceptual-hash self-join
+(hash_neighbours at DEFAULT_MAX_DISTANCE) on uniformly random 64-bit DCT hashes (bit 0 cleared, as a real
+hash's DC bit always is), of which --copy-fraction of the rows are planted copies of distinct other rows: a
+random rotation/flip of the source's hash (dihedral_variants) with 0..--max-flips random bit flips, so every
+planted pair is within the threshold. It reports planted-pair recall and the pairs that are not planted:
+matches between independent random hashes, to compare with the binomial expectation. The search is exact
+brute force (IndexBinaryFlat, 8 variant queries per row), so time and found pairs grow as N^2; memory grows
+with N (the join's increment over the child's RSS after generating the hashes and a 1000-row warm-up join,
+per row) plus ~BYTES_PER_PAIR per found pair.
+
+    .venv/bin/python bench/bench_dedup.py --sizes 10000 100000 1000000 --dim 512 --perceptual-sizes 100000
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +41,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from models.near_duplicates import embedding_neighbours, group_by_keeper, planted_groups  # noqa: E402
+from models.perceptual_hash import (  # noqa: E402
+    DEFAULT_MAX_DISTANCE,
+    HASH_BITS,
+    dihedral_variants,
+    hash_neighbours,
+)
 
 TARGET_ROWS = 5_000_000
+# hash_neighbours' peak per found pair: ~2 raw range-search matches (one from each end) held as int64 query and
+# base ids plus int32 distances, their copy after the i < j filter and the lexsort order.
+BYTES_PER_PAIR = 100
 
 
 def peak_rss_mib() -> float:
@@ -127,11 +148,106 @@ def run_child(args: argparse.Namespace, n: int) -> dict:
     return result
 
 
+def planted_hash_copies(
+    n: int, copy_fraction: float, max_flips: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """n random hashes, copy_fraction of them planted copies of distinct others; returns (hashes, pair keys).
+
+    A copy is a random dihedral variant of its source with 0..max_flips of bits 1-63 flipped. Rows are shuffled;
+    pair keys are min(i, j) * n + max(i, j) of each (source, copy) pair.
+    """
+    rng = np.random.default_rng(seed)
+    n_copies = int(n * copy_fraction)
+    n_sources = n - n_copies
+    originals = rng.integers(0, 256, size=(n_sources, 8), dtype=np.uint8)
+    originals[:, 0] &= 0x7F  # bit 0 (the DC coefficient's sign) is always 0 in a real hash
+    sources = rng.choice(n_sources, size=n_copies, replace=False)
+    turned = dihedral_variants(originals[sources])[np.arange(n_copies), rng.integers(0, 8, n_copies)]
+    # The first `flips` of a random ordering of bits 1..63, per copy.
+    flips = rng.integers(0, max_flips + 1, size=n_copies)
+    rank = np.argsort(rng.random((n_copies, HASH_BITS - 1)), axis=1)
+    flip_bits = np.zeros((n_copies, HASH_BITS), dtype=bool)
+    flip_bits[:, 1:] = rank < flips[:, None]
+    copies = turned ^ np.packbits(flip_bits, axis=1)
+
+    order = rng.permutation(n)
+    position = np.empty(n, dtype=np.int64)
+    position[order] = np.arange(n)
+    hashes = np.concatenate([originals, copies])[order]
+    source_at, copy_at = position[sources], position[n_sources + np.arange(n_copies)]
+    keys = np.minimum(source_at, copy_at) * n + np.maximum(source_at, copy_at)
+    return hashes, keys
+
+
+def random_pair_probability(max_distance: int) -> float:
+    """Chance that a random hash is within max_distance of a given one under some rotation/flip: 8 variants,
+    each a Binomial(63, 1/2) distance on the 63 informative bits (union bound; the variants are far apart)."""
+    within = sum(math.comb(HASH_BITS - 1, k) for k in range(max_distance + 1)) / 2 ** (HASH_BITS - 1)
+    return 8 * within
+
+
+def run_perceptual_child(args: argparse.Namespace, n: int) -> dict:
+    result = {"n": n, "max_distance": DEFAULT_MAX_DISTANCE}
+    hashes, planted = planted_hash_copies(n, args.copy_fraction, args.max_flips, args.seed)
+    # A small join first, so the fixed allocations (faiss, OpenMP threads) are in the baseline, not per row.
+    hash_neighbours(hashes[:1000], DEFAULT_MAX_DISTANCE)
+    result["rss_before_mib"] = peak_rss_mib()
+
+    start = time.perf_counter()
+    left, right, _ = hash_neighbours(hashes, DEFAULT_MAX_DISTANCE)
+    result["neighbours_s"] = time.perf_counter() - start
+    result["peak_rss_mib"] = peak_rss_mib()
+
+    found = left * n + right
+    is_planted = np.isin(found, planted)
+    result["pairs"] = int(found.size)
+    result["planted_pairs"] = int(planted.size)
+    result["planted_recall"] = float(np.isin(planted, found).mean()) if planted.size else 1.0
+    result["pairs_not_planted"] = int((~is_planted).sum())
+    result["expected_random_pairs"] = n * (n - 1) / 2 * random_pair_probability(DEFAULT_MAX_DISTANCE)
+    return result
+
+
+def report_perceptual(results: list[dict]) -> None:
+    for result in results:
+        print(
+            f"perceptual n={result['n']:>9,}  hash_neighbours(<= {result['max_distance']} bits) "
+            f"{result['neighbours_s']:8.1f} s  peak RSS {result['peak_rss_mib']:6.0f} MiB (before the join "
+            f"{result['rss_before_mib']:.0f})  "
+            f"pairs {result['pairs']:,}  planted-pair recall {result['planted_recall']:.4f} of "
+            f"{result['planted_pairs']:,}  not planted {result['pairs_not_planted']:,} "
+            f"(binomial expectation for random hashes ~{result['expected_random_pairs']:,.0f})",
+            flush=True,
+        )
+    largest = max(results, key=lambda r: r["n"])
+    scale = TARGET_ROWS / largest["n"]
+    per_row_mib = (largest["peak_rss_mib"] - largest["rss_before_mib"]) / largest["n"]
+    random_pairs = largest["pairs_not_planted"] * scale**2
+    memory_mib = largest["rss_before_mib"] + per_row_mib * TARGET_ROWS + random_pairs * BYTES_PER_PAIR / 2**20
+    print(
+        f"perceptual extrapolated to {TARGET_ROWS:,} rows from n={largest['n']:,} (exact IndexBinaryFlat, "
+        f"time and pairs ~ N^2): ~{largest['neighbours_s'] * scale**2 / 3600:.1f} h on this machine's cores, "
+        f"~{random_pairs:,.0f} pairs between unrelated images, peak RSS ~{memory_mib / 1024:.1f} GiB"
+    )
+
+
+def without_options(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """argv minus each named option and the values that follow it."""
+    kept: list[str] = []
+    skipping = False
+    for arg in argv:
+        if arg.startswith("--"):
+            skipping = arg in options
+        if not skipping:
+            kept.append(arg)
+    return kept
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--threshold", type=float, default=0.95)
     parser.add_argument("--k", type=int, default=32)
@@ -143,32 +259,33 @@ def main() -> None:
     parser.add_argument("--recall-max", type=int, default=100_000, help="measure recall up to this many rows")
     parser.add_argument("--recall-queries", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--perceptual-sizes",
+        type=int,
+        nargs="*",
+        default=[100_000],
+        help="perceptual-hash self-join sizes (none: skip)",
+    )
+    parser.add_argument(
+        "--copy-fraction", type=float, default=0.01, help="perceptual: share of rows planted as copies"
+    )
+    parser.add_argument(
+        "--max-flips", type=int, default=5, help="perceptual: a copy has 0..this many bits flipped"
+    )
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--perceptual-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child is not None:
         print(json.dumps(run_child(args, args.child)))
         return
+    if args.perceptual_child is not None:
+        print(json.dumps(run_perceptual_child(args, args.perceptual_child)))
+        return
 
-    passthrough = list(sys.argv[1:])
-    if "--sizes" in passthrough:
-        at = passthrough.index("--sizes")
-        end = at + 1
-        while end < len(passthrough) and not passthrough[end].startswith("--"):
-            end += 1
-        del passthrough[at:end]
+    passthrough = without_options(sys.argv[1:], ("--sizes", "--perceptual-sizes"))
     results = []
-    for n in args.sizes:
-        child = subprocess.run(
-            [sys.executable, __file__, *passthrough, "--child", str(n)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if child.returncode != 0:
-            print(f"n={n}: child failed ({child.returncode}):\n{child.stderr[-3000:]}")
-            continue
-        result = json.loads(child.stdout.strip().splitlines()[-1])
+    for n, result in run_children("--child", args.sizes, passthrough):
         results.append(result)
         recall = f"planted-pair recall {result['planted_recall']:.4f} of {result['planted_exact_pairs']:,}"
         if "recall" in result:
@@ -181,8 +298,32 @@ def main() -> None:
             f"{result['planted_groups_plus_singletons']:,}  {recall}",
             flush=True,
         )
-    if not results:
-        return
+    if results:
+        report_embedding_extrapolation(results, args)
+    perceptual_results = [
+        result for _, result in run_children("--perceptual-child", args.perceptual_sizes, passthrough)
+    ]
+    if perceptual_results:
+        report_perceptual(perceptual_results)
+
+
+def run_children(flag: str, sizes: list[int], passthrough: list[str]) -> Iterator[tuple[int, dict]]:
+    """Run this script once per size with `flag SIZE` (each in its own process: ru_maxrss is the child's own
+    peak) and yield (size, its JSON result); a failed child is reported and skipped."""
+    for n in sizes:
+        child = subprocess.run(
+            [sys.executable, __file__, *passthrough, flag, str(n)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if child.returncode != 0:
+            print(f"{flag} {n}: child failed ({child.returncode}):\n{child.stderr[-3000:]}", flush=True)
+            continue
+        yield n, json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def report_embedding_extrapolation(results: list[dict], args: argparse.Namespace) -> None:
     largest = max(results, key=lambda r: r["n"])
     scale = TARGET_ROWS / largest["n"]
     seconds = (largest["neighbours_s"] + largest["group_s"]) * scale**1.5

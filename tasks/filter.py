@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from storage.markers import sha256_file
 from storage.schemas import FILTER_SCHEMA
 from tasks.embed import clip_spec, model_identity, shared_encoder
 from tasks.harness import ShardStage, ShardSummary
+from tasks.shipped import resolve_shipped
 from tasks.stage import ShardOutcome, decisions
 
 REASONS = {
@@ -59,7 +59,6 @@ REASONS = {
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
 # A config value of this shape names a shipped prompt ensemble; anything else is a file path.
-_VERSION_RE = re.compile(r"^[a-z0-9]+-v[0-9]+$")
 _GROUPS = ("remote_sensing", "other")
 # Bumped when the zero-shot scoring rule changes, so the identity (and the stage fingerprint) changes with it.
 ZERO_SHOT_VERSION = "1"
@@ -103,16 +102,7 @@ class PromptEnsemble:
 
 def resolve_prompts(value: str) -> Path:
     """A shipped version ("rs-v1") or a file path -> the ensemble file; ValueError naming what is missing."""
-    if _VERSION_RE.match(value):
-        path = PROMPTS_DIR / f"{value}.json"
-        if not path.is_file():
-            shipped = sorted(p.stem for p in PROMPTS_DIR.glob("*.json"))
-            raise ValueError(f"unknown prompt ensemble version {value!r} (shipped: {', '.join(shipped)})")
-        return path
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise ValueError(f"prompt ensemble file not found: {value}")
-    return path
+    return resolve_shipped(value, PROMPTS_DIR, ".json", "prompt ensemble")
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:

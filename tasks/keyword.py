@@ -30,6 +30,7 @@ from rs5m.config import KeywordConfig, PipelineConfig
 from storage.layout import Layout
 from storage.schemas import KEYWORD_SCHEMA
 from tasks.harness import ShardStage, ShardSummary
+from tasks.shipped import resolve_shipped
 from tasks.stage import ShardOutcome, split_by_reason
 
 REASONS = {
@@ -39,7 +40,6 @@ REASONS = {
 
 LISTS_DIR = Path(__file__).parent / "keywords"
 # A config value of this shape names a shipped list version; anything else is a file path.
-_VERSION_RE = re.compile(r"^[a-z0-9]+-v[0-9]+$")
 # Bumped when the matching rules change, so that the identity (and the stage fingerprint) changes with them.
 MATCHER_VERSION = "1"
 
@@ -111,16 +111,7 @@ def _read_list(path: Path, kind: str) -> list[Phrase]:
 
 def resolve_list(value: str, kind: str) -> Path:
     """A shipped version ("rs-v1") or a file path -> the list file; ValueError naming what is missing."""
-    if _VERSION_RE.match(value):
-        path = LISTS_DIR / f"{value}.{kind}.txt"
-        if not path.is_file():
-            shipped = sorted(p.name.split(".")[0] for p in LISTS_DIR.glob(f"*.{kind}.txt"))
-            raise ValueError(f"unknown {kind} list version {value!r} (shipped: {', '.join(shipped)})")
-        return path
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise ValueError(f"{kind} list file not found: {value}")
-    return path
+    return resolve_shipped(value, LISTS_DIR, f".{kind}.txt", f"{kind} list")
 
 
 def _alternation(phrases: list[Phrase], group: str) -> str:

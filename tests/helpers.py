@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
+
 BIN = Path(sys.executable).parent
 
 
@@ -70,3 +72,15 @@ class PrefectServer:
                 self.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length."""
+    return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
+
+
+def near(vector: np.ndarray, cosine: float, rng: np.random.Generator) -> np.ndarray:
+    """A unit vector with the given cosine to the unit vector `vector`."""
+    other = rng.standard_normal(vector.shape)
+    other = unit(other - other @ vector * vector)
+    return cosine * vector + np.sqrt(1 - cosine**2) * other

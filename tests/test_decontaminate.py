@@ -34,6 +34,7 @@ from tasks.decontaminate import (
     decontaminate_task,
 )
 from tasks.embed import shared_encoder
+from tests.helpers import near, unit
 
 DIM = 64
 RNG = np.random.default_rng(11)
@@ -50,16 +51,6 @@ def rotated(data: bytes) -> bytes:
         out = io.BytesIO()
         image.rotate(270, expand=True).save(out, "JPEG", quality=70)
     return out.getvalue()
-
-
-def unit(rows: np.ndarray) -> np.ndarray:
-    return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
-
-
-def near(vector: np.ndarray, cosine: float) -> np.ndarray:
-    other = RNG.standard_normal(vector.shape)
-    other = unit(other - other @ vector * vector)
-    return cosine * vector + np.sqrt(1 - cosine**2) * other
 
 
 def dedup_table(ids: list[str], images: list[bytes]) -> pa.Table:
@@ -96,10 +87,10 @@ def test_rotated_and_embedding_copies_are_dropped_others_kept(originals: list[by
     image_emb = np.stack(
         [
             unit(RNG.standard_normal(DIM)),
-            near(ucm_emb[1], 0.97),
-            near(ucm_emb[2], 0.99),  # also an embedding copy of a ucm image
+            near(ucm_emb[1], 0.97, RNG),
+            near(ucm_emb[2], 0.99, RNG),  # also an embedding copy of a ucm image
             unit(RNG.standard_normal(DIM)),
-            near(ucm_emb[0], 0.90),  # related, below the threshold
+            near(ucm_emb[0], 0.90, RNG),  # related, below the threshold
         ]
     ).astype(np.float16)
     outcome = decontaminate_shard(dedup_table(ids, images), image_emb, index, DecontaminateConfig())

@@ -20,6 +20,7 @@ from storage.markers import Manifest, read_marker, sha256_file, write_manifest
 from storage.schemas import DEDUP_SCHEMA, FILTER_SCHEMA
 from tasks.dedup import DEDUP, REASONS, dedup_shards, dedup_task, exact_components, phash_matrix
 from tasks.harness import GLOBAL_UNIT
+from tests.helpers import near, unit
 
 DIM = 64
 RNG = np.random.default_rng(7)
@@ -45,17 +46,6 @@ def reencoded(data: bytes, quality: int = 50) -> bytes:
         out = io.BytesIO()
         image.save(out, "JPEG", quality=quality)
     return out.getvalue()
-
-
-def unit(rows: np.ndarray) -> np.ndarray:
-    return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
-
-
-def near(vector: np.ndarray, cosine: float) -> np.ndarray:
-    """A unit vector with the given cosine to `vector`."""
-    other = RNG.standard_normal(vector.shape)
-    other = unit(other - other @ vector * vector)
-    return cosine * vector + np.sqrt(1 - cosine**2) * other
 
 
 def filter_table(samples: list[dict]) -> pa.Table:
@@ -105,7 +95,12 @@ def test_keeper_reasons_groups_and_arrays(originals: list[bytes]) -> None:
         {"id": "b-rot", "image": rotated(b), "clip": 0.20},
         {"id": "b-q50", "image": reencoded(b), "clip": 0.10},
         {"id": "c", "image": c, "clip": 0.60, "emb": anchor},
-        {"id": "c-like", "image": d, "clip": 0.25, "emb": near(anchor, 0.98)},  # other pixels, same content
+        {
+            "id": "c-like",
+            "image": d,
+            "clip": 0.25,
+            "emb": near(anchor, 0.98, RNG),
+        },  # other pixels, same content
         {"id": "e", "image": e, "clip": 0.35, "url": "https://example.org/shared.jpg"},
         {"id": "e-url", "image": f, "clip": 0.45, "url": "https://example.org/shared.jpg"},
         {"id": "g", "image": g, "clip": 0.70},
@@ -158,7 +153,7 @@ def test_keeper_reasons_groups_and_arrays(originals: list[bytes]) -> None:
 def test_members_link_directly_to_keeper_no_chaining() -> None:
     # x ~ y and y ~ z at cosine 0.97, but x and z only 0.88 apart: y joins x, z stays (no x-y-z chain).
     x = unit(RNG.standard_normal(DIM))
-    z = near(x, 0.88)
+    z = near(x, 0.88, RNG)
     y = unit(x + z)  # halfway: cos(x, y) = cos(y, z) = sqrt((1 + 0.88) / 2) = 0.969
     samples = [
         {"id": "x", "clip": 0.9, "emb": x},
@@ -207,7 +202,7 @@ def test_group_across_shards_one_decision_per_row(originals: list[bytes]) -> Non
         {"id": "a-rot", "image": rotated(a, quality=60), "clip": 0.8},
         {"id": "b-tie-second", "image": reencoded(b, 70), "clip": 0.3},
         {"id": "a-rot-copy", "image": rotated(a, quality=60), "clip": 0.1},  # exact copy of a-rot's bytes
-        {"id": "d-like", "image": e, "clip": 0.6, "emb": near(anchor, 0.97)},
+        {"id": "d-like", "image": e, "clip": 0.6, "emb": near(anchor, 0.97, RNG)},
     ]
     tables = {"s-b": filter_table(shard_b), "s-a": filter_table(shard_a)}  # dict order must not matter
     arrays = {"s-b": embeddings(shard_b), "s-a": embeddings(shard_a)}
