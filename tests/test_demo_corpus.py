@@ -322,7 +322,8 @@ def test_demo_config_keeps_noise_scores_out_of_the_later_stages(config: Pipeline
     assert config.dedup.perceptual_max_distance == DEFAULT_MAX_DISTANCE
     assert config.decontaminate.embedding_min_similarity is None
     assert config.decontaminate.perceptual_max_distance == DEFAULT_MAX_DISTANCE
-    assert [(s.name, s.path) for s in config.decontaminate.eval_sets] == [("demo_eval", "demo_eval")]
+    # the CLI writes the eval set into the work directory; the config names it relative to it
+    assert [(s.name, s.path) for s in config.decontaminate.eval_sets] == [("demo_eval", "/demo/demo_eval")]
     assert config.shard.webdataset and 0 < config.shard.val_fraction < 0.5
 
 

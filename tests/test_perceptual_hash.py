@@ -135,3 +135,97 @@ def test_undecodable_bytes_raise_naming_the_index(rsscn7_images: list[bytes]) ->
     with pytest.raises(ValueError, match="image 1 cannot be decoded"):
         dct_hashes([rsscn7_images[0], b"<html>not an image</html>"])
     assert dct_hashes([]).shape == (0, 8)
+
+
+def _plant_copies(hashes: np.ndarray, sources: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random rotation/flip of each source hash with 0..5 bits flipped, like a re-encoded copy."""
+    planted = dihedral_variants(hashes[sources])[np.arange(len(sources)), rng.integers(0, 8, len(sources))]
+    bits = np.unpackbits(planted, axis=1)
+    for row in bits:
+        row[rng.choice(64, rng.integers(0, 6), replace=False)] ^= 1
+    return np.packbits(bits, axis=1)
+
+
+@pytest.fixture(scope="module")
+def planted_30k() -> tuple[np.ndarray, set[tuple[int, int]]]:
+    """30k random hashes whose last 1% are near-copies of earlier rows, and those (source, copy) pairs."""
+    rng = np.random.default_rng(11)
+    n, n_planted = 30_000, 300
+    hashes = rng.integers(0, 256, (n, 8), dtype=np.uint8)
+    sources = rng.choice(n - n_planted, n_planted, replace=False)
+    hashes[n - n_planted :] = _plant_copies(hashes, sources, rng)
+    return hashes, set(zip(sources.tolist(), range(n - n_planted, n), strict=True))
+
+
+def _rows(result: tuple[np.ndarray, np.ndarray, np.ndarray]) -> set[tuple[int, int, int]]:
+    return set(zip(*(column.tolist() for column in result), strict=True))
+
+
+def _assert_format(i: np.ndarray, j: np.ndarray, dist: np.ndarray) -> None:
+    assert (i.dtype, j.dtype, dist.dtype) == (np.int64, np.int64, np.int32)
+    assert np.all(np.lexsort((j, i)) == np.arange(len(i)))  # sorted by (i, j)
+    assert len(set(zip(i.tolist(), j.tolist(), strict=True))) == len(i)  # one row per pair
+
+
+def test_ivf_backend_finds_planted_copies_with_exact_distances(
+    planted_30k: tuple[np.ndarray, set[tuple[int, int]]],
+) -> None:
+    hashes, planted = planted_30k
+    exact = hash_neighbours(hashes, backend="flat")
+    approximate = hash_neighbours(hashes, backend="ivf")
+
+    i, j, dist = approximate
+    _assert_format(i, j, dist)
+    assert np.all(i < j)
+    # Approximate means missed pairs only: every reported row, distance included, is in the exact answer.
+    assert _rows(approximate) <= _rows(exact)
+    found = set(zip(i.tolist(), j.tolist(), strict=True))
+    recall = len(planted & found) / len(planted)
+    assert planted <= set(zip(exact[0].tolist(), exact[1].tolist(), strict=True))
+    assert recall >= 0.99, f"ivf found {recall:.1%} of planted copies"
+
+
+def test_ivf_backend_in_queries_mode(planted_30k: tuple[np.ndarray, set[tuple[int, int]]]) -> None:
+    hashes, _ = planted_30k
+    rng = np.random.default_rng(12)
+    sources = rng.choice(len(hashes), 400, replace=False)
+    queries = np.concatenate(
+        [_plant_copies(hashes, sources, rng), rng.integers(0, 256, (400, 8), dtype=np.uint8)]
+    )
+
+    exact = hash_neighbours(hashes, queries=queries, backend="flat")
+    approximate = hash_neighbours(hashes, queries=queries, backend="ivf")
+
+    _assert_format(*approximate)
+    assert _rows(approximate) <= _rows(exact)
+    found = set(zip(approximate[0].tolist(), approximate[1].tolist(), strict=True))
+    recall = np.mean([(query, int(source)) in found for query, source in enumerate(sources)])
+    assert recall >= 0.99, f"ivf found {recall:.1%} of planted copies"
+
+
+def test_tiny_inputs_give_the_exact_answer_with_the_ivf_backend() -> None:
+    # Below 80 rows the inverted file has one list, which every query scans: nothing can be missed.
+    rng = np.random.default_rng(13)
+    hashes = rng.integers(0, 256, (60, 8), dtype=np.uint8)
+    hashes[30:] = _plant_copies(hashes, np.arange(30), rng)
+    exact = hash_neighbours(hashes, backend="flat")
+    assert len(exact[0]) >= 30
+    for got, want in zip(hash_neighbours(hashes, backend="ivf"), exact, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_auto_backend_switches_to_ivf_above_flat_max_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    built = []
+    build_ivf = perceptual_hash._ivf_index
+    monkeypatch.setattr(perceptual_hash, "FLAT_MAX_ROWS", 1000)
+    monkeypatch.setattr(
+        perceptual_hash, "_ivf_index", lambda base: built.append(len(base)) or build_ivf(base)
+    )
+    hashes = np.random.default_rng(14).integers(0, 256, (1001, 8), dtype=np.uint8)
+
+    hash_neighbours(hashes[:1000])
+    assert built == []
+    hash_neighbours(hashes)
+    assert built == [1001]
+    with pytest.raises(ValueError, match="backend"):
+        hash_neighbours(hashes, backend="hnsw")  # type: ignore[arg-type]
