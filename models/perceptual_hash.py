@@ -26,14 +26,16 @@ A 64-bit DCT hash cannot separate much larger crops from distinct images of unif
 
 Search backends (`hash_neighbours(backend=...)`), measured on random hashes with 1% planted copies (a random
 rotation/flip plus 0..5 flipped bits), one faiss thread:
-- "flat", IndexBinaryFlat: exact, every query variant against every stored hash, cost n^2. 100k self-join 27 s,
-  so about 45 min at 1M and 19 h at 5M. (IndexBinaryMultiHash, 4 x 16-bit tables, nflip=2, exact for 11 bits,
-  was 8x slower than flat at 100k.)
+- "flat", IndexBinaryFlat: exact, every query variant against every stored hash, cost n^2. 100k self-join
+  27 s, so about 45 min at 1M and 19 h at 5M. (IndexBinaryMultiHash, 4 x 16-bit tables, nflip=2, exact for
+  11 bits, was 8x slower than flat at 100k.)
 - "ivf", IndexBinaryIVF with round(4 * sqrt(n)) lists, k-means trained on a fixed-seed sample of 40 hashes per
-  list, IVF_NPROBE = 32 lists scanned per query variant, cost n^1.5. 100k: 5.0 s (0.19x flat), 300k: 19 s,
-  1M: see below; planted-copy recall 0.998 at 100k and 300k, 1.0 at 30k. Pairs 6-11 bits apart are harder to
-  catch: 91% of all exact pairs within 11 bits at 100k. It never reports a false pair and its distances are
-  exact: it only misses pairs. nprobe 16 was 1.4x faster with planted recall 0.997 but 83% of all pairs.
+  list, IVF_NPROBE = 32 lists scanned per query variant, cost about n^1.5. 100k: 5.0 s (0.19x flat), 300k:
+  19 s, 1M: 103 s, so about 20 min at 5M. Planted-copy recall 1.0 at 30k, 0.998 at 100k and 300k, 0.997 at 1M.
+  Pairs 6-11 bits apart are harder to catch: it found 91% of all exact pairs within 11 bits at 100k. It never
+  reports a false pair and its distances are exact: it only misses pairs. nprobe 16 was 1.4x faster but had
+  planted recall 0.990 and 83% of all pairs. A self-join pair gets two chances (each side queries the other);
+  in queries mode only the query side searches, so recall there is about the one-sided 0.99-0.997 at 30k.
 "auto" (the default) uses "flat" up to FLAT_MAX_ROWS = 50k stored hashes and "ivf" above.
 
 Undecodable input raises ValueError naming the image's index: images reach this module after the validate stage
@@ -54,7 +56,7 @@ from PIL import Image
 HASH_BYTES = 8
 HASH_BITS = 64
 DEFAULT_MAX_DISTANCE = 11
-# hash_neighbours(backend="auto") searches exactly up to this many stored hashes and approximately (IVF) above.
+# hash_neighbours(backend="auto") searches exactly up to this many stored hashes, approximately (IVF) above.
 FLAT_MAX_ROWS = 50_000
 # Inverted lists the IVF backend scans per query variant; see the module docstring for recall and speed.
 IVF_NPROBE = 32
@@ -201,14 +203,16 @@ def hash_neighbours(
 
 
 def _ivf_index(base: np.ndarray) -> faiss.IndexBinaryIVF:
-    # ~4 * sqrt(n) lists keeps both the coarse assignment (n * lists) and the list scans (n * nprobe * n / lists)
-    # at n^1.5; capped so k-means gets the _IVF_TRAIN_PER_LIST points per list it needs (faiss warns below 39).
-    lists = max(1, min(round(_IVF_LISTS_PER_SQRT_ROW * np.sqrt(len(base))), len(base) // _IVF_TRAIN_PER_LIST))
+    # ~4 * sqrt(n) lists keeps both the coarse assignment (n * lists) and the list scans
+    # (n * nprobe * n / lists) at n^1.5; capped so k-means gets _IVF_TRAIN_PER_LIST points per list (faiss
+    # warns below 39).
+    lists = round(_IVF_LISTS_PER_SQRT_ROW * np.sqrt(len(base)))
+    lists = max(1, min(lists, len(base) // _IVF_TRAIN_PER_LIST))
     quantizer = faiss.IndexBinaryFlat(HASH_BITS)
-    # Counting-based top-k instead of a heap: the coarse assignment dominates the search and this halves it.
+    # Counting-based top-k, not a heap: the coarse assignment dominates the search (100k: 5.0 s, not 7.2).
     quantizer.use_heap = False
     index = faiss.IndexBinaryIVF(quantizer, HASH_BITS, lists)
-    # A fixed-seed sample, not all rows: training time then grows with lists, not n, and results are repeatable.
+    # A fixed-seed sample, not all rows: training time grows with lists, not n, and results are repeatable.
     sample_rows = np.random.default_rng(0).choice(
         len(base), min(len(base), _IVF_TRAIN_PER_LIST * lists), replace=False
     )
