@@ -11,14 +11,15 @@ grows as N^1.5 with nlist = 4 sqrt(N); memory is the float16 input plus the 8-bi
 the IVF search holds (n * (3 * dim + 8 + 12 * nprobe) bytes) on top of the largest run's fixed overhead.
 
 For each size in --perceptual-sizes, another child process times the perceptual-hash self-join
-(hash_neighbours at DEFAULT_MAX_DISTANCE) on uniformly random 64-bit DCT hashes (bit 0 cleared, as a real
-hash's DC bit always is), of which --copy-fraction of the rows are planted copies of distinct other rows: a
-random rotation/flip of the source's hash (dihedral_variants) with 0..--max-flips random bit flips, so every
-planted pair is within the threshold. It reports planted-pair recall and the pairs that are not planted:
-matches between independent random hashes, to compare with the binomial expectation. The search is exact
-brute force (IndexBinaryFlat, 8 variant queries per row), so time and found pairs grow as N^2; memory grows
-with N (the join's increment over the child's RSS after generating the hashes and a 1000-row warm-up join,
-per row) plus ~BYTES_PER_PAIR per found pair.
+(hash_neighbours at DEFAULT_MAX_DISTANCE, --perceptual-backend) on uniformly random 64-bit DCT hashes (bit 0
+cleared, as a real hash's DC bit always is), of which --copy-fraction of the rows are planted copies of distinct
+other rows: a random rotation/flip of the source's hash (dihedral_variants) with 0..--max-flips random bit
+flips, so every planted pair is within the threshold. It reports planted-pair recall, recall of every exact
+pair of --perceptual-recall-queries sampled rows (numpy brute force over all 8 variants), and the pairs that are
+not planted: matches between independent random hashes, to compare with their binomial expectation. Time is
+extrapolated to 5M as N^2 for "flat" (IndexBinaryFlat) and N^1.5 for "ivf"; pairs between unrelated hashes grow
+as N^2 whatever the backend; memory grows with N (the join's increment over the child's RSS after generating
+the hashes and a 1000-row warm-up join, per row) plus ~BYTES_PER_PAIR per found pair.
 
     .venv/bin/python bench/bench_dedup.py --sizes 10000 100000 1000000 --dim 512 --perceptual-sizes 100000
 """
@@ -43,15 +44,18 @@ sys.path.insert(0, str(REPO))
 from models.near_duplicates import embedding_neighbours, group_by_keeper, planted_groups  # noqa: E402
 from models.perceptual_hash import (  # noqa: E402
     DEFAULT_MAX_DISTANCE,
+    FLAT_MAX_ROWS,
     HASH_BITS,
     dihedral_variants,
     hash_neighbours,
 )
 
 TARGET_ROWS = 5_000_000
-# hash_neighbours' peak per found pair: ~2 raw range-search matches (one from each end) held as int64 query and
-# base ids plus int32 distances, their copy after the i < j filter and the lexsort order.
-BYTES_PER_PAIR = 100
+# hash_neighbours' peak per found pair: ~2 raw range-search matches (one from each end) held as int64 ids and
+# distances, the (i, j) keys, their unique copy and the 8 variants gathered to recompute the distance.
+BYTES_PER_PAIR = 150
+# How search time grows with the number of hashes, per backend.
+PERCEPTUAL_TIME_EXPONENT = {"flat": 2.0, "ivf": 1.5}
 
 
 def peak_rss_mib() -> float:
@@ -186,37 +190,64 @@ def random_pair_probability(max_distance: int) -> float:
     return 8 * within
 
 
+def exact_hash_pair_keys(hashes: np.ndarray, rows: np.ndarray, max_distance: int) -> np.ndarray:
+    """Keys min(i, j) * n + max(i, j) of every pair within max_distance (over the 8 variants) with i in rows."""
+    n = len(hashes)
+    stored = hashes.view(np.uint64)[:, 0]
+    variants = dihedral_variants(hashes[rows]).view(np.uint64)[:, :, 0]  # (rows, 8)
+    keys = []
+    for row, row_variants in zip(rows.tolist(), variants, strict=True):
+        distance = np.bitwise_count(row_variants[:, None] ^ stored[None, :]).min(axis=0)
+        near = np.flatnonzero(distance <= max_distance)
+        near = near[near != row]
+        keys.append(np.minimum(near, row) * n + np.maximum(near, row))
+    return np.unique(np.concatenate(keys))
+
+
 def run_perceptual_child(args: argparse.Namespace, n: int) -> dict:
-    result = {"n": n, "max_distance": DEFAULT_MAX_DISTANCE}
+    backend = args.perceptual_backend
+    if backend == "auto":
+        backend = "flat" if n <= FLAT_MAX_ROWS else "ivf"
+    result = {"n": n, "max_distance": DEFAULT_MAX_DISTANCE, "backend": backend}
     hashes, planted = planted_hash_copies(n, args.copy_fraction, args.max_flips, args.seed)
     # A small join first, so the fixed allocations (faiss, OpenMP threads) are in the baseline, not per row.
-    hash_neighbours(hashes[:1000], DEFAULT_MAX_DISTANCE)
+    hash_neighbours(hashes[:1000], DEFAULT_MAX_DISTANCE, backend=backend)
     result["rss_before_mib"] = peak_rss_mib()
 
     start = time.perf_counter()
-    left, right, _ = hash_neighbours(hashes, DEFAULT_MAX_DISTANCE)
+    left, right, _ = hash_neighbours(hashes, DEFAULT_MAX_DISTANCE, backend=backend)
     result["neighbours_s"] = time.perf_counter() - start
     result["peak_rss_mib"] = peak_rss_mib()
 
     found = left * n + right
-    is_planted = np.isin(found, planted)
     result["pairs"] = int(found.size)
     result["planted_pairs"] = int(planted.size)
     result["planted_recall"] = float(np.isin(planted, found).mean()) if planted.size else 1.0
-    result["pairs_not_planted"] = int((~is_planted).sum())
+    result["pairs_not_planted"] = int((~np.isin(found, planted)).sum())
     result["expected_random_pairs"] = n * (n - 1) / 2 * random_pair_probability(DEFAULT_MAX_DISTANCE)
+
+    rng = np.random.default_rng(args.seed + 1)
+    rows = np.sort(rng.choice(n, size=min(n, args.perceptual_recall_queries), replace=False))
+    truth = exact_hash_pair_keys(hashes, rows, DEFAULT_MAX_DISTANCE)
+    result["recall_queries"] = int(rows.size)
+    result["exact_pairs"] = int(truth.size)
+    result["exact_recall"] = float(np.isin(truth, found).mean()) if truth.size else 1.0
+    sampled = np.isin(left, rows) | np.isin(right, rows)
+    result["pairs_beyond_exact"] = int((~np.isin(found[sampled], truth)).sum())
     return result
 
 
 def report_perceptual(results: list[dict]) -> None:
     for result in results:
         print(
-            f"perceptual n={result['n']:>9,}  hash_neighbours(<= {result['max_distance']} bits) "
+            f"perceptual n={result['n']:>9,} {result['backend']}  hash_neighbours(<= {result['max_distance']} bits) "
             f"{result['neighbours_s']:8.1f} s  peak RSS {result['peak_rss_mib']:6.0f} MiB (before the join "
             f"{result['rss_before_mib']:.0f})  "
             f"pairs {result['pairs']:,}  planted-pair recall {result['planted_recall']:.4f} of "
             f"{result['planted_pairs']:,}  not planted {result['pairs_not_planted']:,} "
-            f"(binomial expectation for random hashes ~{result['expected_random_pairs']:,.0f})",
+            f"(binomial expectation for random hashes ~{result['expected_random_pairs']:,.0f})  exact-pair "
+            f"recall {result['exact_recall']:.4f} of {result['exact_pairs']:,} (pairs of "
+            f"{result['recall_queries']:,} sampled rows; found beyond them: {result['pairs_beyond_exact']})",
             flush=True,
         )
     largest = max(results, key=lambda r: r["n"])
@@ -224,10 +255,13 @@ def report_perceptual(results: list[dict]) -> None:
     per_row_mib = (largest["peak_rss_mib"] - largest["rss_before_mib"]) / largest["n"]
     random_pairs = largest["pairs_not_planted"] * scale**2
     memory_mib = largest["rss_before_mib"] + per_row_mib * TARGET_ROWS + random_pairs * BYTES_PER_PAIR / 2**20
+    exponent = PERCEPTUAL_TIME_EXPONENT[largest["backend"]]
+    expected_pairs = TARGET_ROWS * (TARGET_ROWS - 1) / 2 * random_pair_probability(largest["max_distance"])
     print(
-        f"perceptual extrapolated to {TARGET_ROWS:,} rows from n={largest['n']:,} (exact IndexBinaryFlat, "
-        f"time and pairs ~ N^2): ~{largest['neighbours_s'] * scale**2 / 3600:.1f} h on this machine's cores, "
-        f"~{random_pairs:,.0f} pairs between unrelated images, peak RSS ~{memory_mib / 1024:.1f} GiB"
+        f"perceptual extrapolated to {TARGET_ROWS:,} rows from n={largest['n']:,} ({largest['backend']}, time ~ "
+        f"N^{exponent:g}): ~{largest['neighbours_s'] * scale**exponent / 3600:.1f} h on this machine's cores, "
+        f"~{random_pairs:,.0f} pairs between unrelated random hashes found (N^2; binomial expectation "
+        f"{expected_pairs:,.0f}), peak RSS ~{memory_mib / 1024:.1f} GiB"
     )
 
 
@@ -265,6 +299,13 @@ def main() -> None:
         nargs="*",
         default=[100_000],
         help="perceptual-hash self-join sizes (none: skip)",
+    )
+    parser.add_argument("--perceptual-backend", default="auto", choices=["auto", "flat", "ivf"])
+    parser.add_argument(
+        "--perceptual-recall-queries",
+        type=int,
+        default=2000,
+        help="perceptual: rows whose exact pairs are brute-forced for recall",
     )
     parser.add_argument(
         "--copy-fraction", type=float, default=0.01, help="perceptual: share of rows planted as copies"

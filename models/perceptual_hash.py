@@ -174,9 +174,15 @@ def hash_neighbours(
     if not approximate:
         index.add(base)
     probe_variants = dihedral_variants(probes)
-    limits, _, base_ids = index.range_search(probe_variants.reshape(-1, HASH_BYTES), max_distance + 1)
-    probe_ids = np.repeat(np.arange(len(probes) * 8, dtype=np.int64) // 8, np.diff(limits).astype(np.int64))
-    base_ids = base_ids.astype(np.int64)
+    found_probes, found_bases = [], []
+    # in blocks: faiss holds per-query search state (the IVF probe lists: ~3 KB a row) for a whole call
+    for start in range(0, len(probes), _SEARCH_BLOCK_ROWS):
+        block = probe_variants[start : start + _SEARCH_BLOCK_ROWS].reshape(-1, HASH_BYTES)
+        limits, _, ids = index.range_search(block, max_distance + 1)
+        rows = start + np.arange(len(block), dtype=np.int64) // 8
+        found_probes.append(np.repeat(rows, np.diff(limits).astype(np.int64)))
+        found_bases.append(ids.astype(np.int64))
+    probe_ids, base_ids = np.concatenate(found_probes), np.concatenate(found_bases)
     if queries is None:
         if approximate:
             # Each pair has two chances, one from each side: keeping both lifted planted-copy recall from
@@ -200,6 +206,9 @@ def hash_neighbours(
     words = probe_variants.view(np.uint64)[probe_ids, :, 0]  # (pairs, 8)
     distances = np.bitwise_count(words ^ base.view(np.uint64)[base_ids]).min(axis=1)
     return probe_ids, base_ids, distances.astype(np.int32)
+
+
+_SEARCH_BLOCK_ROWS = 65_536
 
 
 def _ivf_index(base: np.ndarray) -> faiss.IndexBinaryIVF:
