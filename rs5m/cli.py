@@ -82,7 +82,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "\nThe demo's images are synthetic and its URLs are on loopback.\n"
         f"Outputs in {workdir}:\n"
         f"  dataset/            the final Parquet shards, WebDataset tars and manifest.json\n"
-        f"  catalog.duckdb      views: samples, ledger, funnel, stages (duckdb -readonly {layout.catalog})\n"
+        f"  catalog.duckdb      DuckDB views: samples, ledger, funnel, stages (open it read-only)\n"
         f"  <stage>/data/       survivors per shard (Parquet); <stage>/ledger/ fates per shard\n"
         f"  funnel again:       rs5m report {workdir}"
     )
