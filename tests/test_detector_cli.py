@@ -20,15 +20,23 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RS_CLASSES = ("aGrass", "cIndustry", "gParking")  # three RSSCN7 classes, 50 JPEGs each
 N_DRAWINGS = 30
 CLI_TIMEOUT_S = 120
-# What a user sets to stay offline (tests/conftest.py sets them for this process; the CLI gets them explicitly).
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-    "WANDB_MODE": "disabled",
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-}
+
+
+def train_detector_for(
+    user_folders: dict[str, Path], workdir: Path, name: str
+) -> subprocess.CompletedProcess:
+    return train_detector_cli(
+        "--workdir",
+        str(workdir),
+        "--name",
+        name,
+        "--positives",
+        str(user_folders["positives"]),
+        "--negatives",
+        str(user_folders["negatives"]),
+        "--config",
+        str(user_folders["config"]),
+    )
 
 
 def train_detector_cli(*args: str) -> subprocess.CompletedProcess:
@@ -36,7 +44,7 @@ def train_detector_cli(*args: str) -> subprocess.CompletedProcess:
         [str(BIN / "rs5m"), "train-detector", *args],
         capture_output=True,
         text=True,
-        env={**os.environ, **OFFLINE_ENV},
+        env=dict(os.environ),  # tests/conftest.py made it offline
         timeout=CLI_TIMEOUT_S,
     )
 
@@ -103,19 +111,7 @@ def user_folders(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="module")
 def trained(user_folders: dict[str, Path]) -> tuple[subprocess.CompletedProcess, Path]:
     workdir = user_folders["root"] / "work"
-    result = train_detector_cli(
-        "--workdir",
-        str(workdir),
-        "--name",
-        "rs",
-        "--positives",
-        str(user_folders["positives"]),
-        "--negatives",
-        str(user_folders["negatives"]),
-        "--config",
-        str(user_folders["config"]),
-    )
-    return result, workdir
+    return train_detector_for(user_folders, workdir, "rs"), workdir
 
 
 def test_train_detector_writes_a_detector_for_the_configured_model(
@@ -160,18 +156,7 @@ def test_train_detector_prints_the_saved_detectors_accuracy(
 def test_train_detector_refuses_a_name_that_is_not_a_file_name(
     user_folders: dict[str, Path], tmp_path: Path
 ) -> None:
-    result = train_detector_cli(
-        "--workdir",
-        str(tmp_path),
-        "--name",
-        "../rs",
-        "--positives",
-        str(user_folders["positives"]),
-        "--negatives",
-        str(user_folders["negatives"]),
-        "--config",
-        str(user_folders["config"]),
-    )
+    result = train_detector_for(user_folders, tmp_path, "../rs")
     assert result.returncode == 2
     assert "detector name '../rs' must match" in result.stderr
     assert "Traceback" not in result.stderr
