@@ -79,11 +79,8 @@ def normalise_url(raw: str | None) -> str | None:
 
 
 def sample_id(source: str, url: str, caption: str | None) -> str:
-    digest = hashlib.sha256()
-    for part in (source, url, caption if caption is not None else "\x00<null>"):
-        digest.update(part.encode("utf-8", "surrogatepass"))
-        digest.update(b"\x1f")
-    return digest.hexdigest()[:24]
+    """sha256 of "<source>\\x1f<url>\\x1f<caption>\\x1f" (a null caption as "\\x00<null>"), first 24 hex digits."""
+    return sample_ids(source, pa.array([url], pa.string()), pa.array([caption], pa.string()))[0]
 
 
 # URLs that normalise_url returns unchanged: lower-case http(s) scheme and ASCII host name (no userinfo, port

@@ -27,11 +27,13 @@ class ShardOutcome:
     def counts(self) -> dict[str, int]:
         """{"kept": n, "dropped:<reason>": n, ...}."""
         result: dict[str, int] = {KEPT: 0}
-        fates = self.decisions.column("fate").to_pylist()
-        reasons = self.decisions.column("reason").to_pylist()
-        for fate, reason in zip(fates, reasons, strict=True):
-            key = KEPT if fate == KEPT else f"{DROPPED}:{reason}"
-            result[key] = result.get(key, 0) + 1
+        grouped = self.decisions.group_by(["fate", "reason"], use_threads=False).aggregate(
+            [([], "count_all")]
+        )
+        for fate, reason, n in zip(
+            *(grouped.column(c).to_pylist() for c in ("fate", "reason", "count_all")), strict=True
+        ):
+            result[KEPT if fate == KEPT else f"{DROPPED}:{reason}"] = n
         return result
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import http.server
 import json
 import threading
@@ -92,7 +93,13 @@ def test_sample_ids_do_not_depend_on_the_file_format(tmp_path: Path) -> None:
     sources = write_sources(tmp_path)
     ids = {fmt: ingest(src)[1].column("sample_id").to_pylist()[:4] for fmt, src in sources.items()}
     assert ids["parquet"] == ids["jsonl"] == ids["csv"] == ids["tsv"]
-    assert ids["parquet"][0] == sample_id("web", "https://example.com/a.jpg", "Aerial view of a harbour")
+    # the documented formula, computed independently of the ingest code
+    payload = b"web\x1fhttps://example.com/a.jpg\x1fAerial view of a harbour\x1f"
+    assert ids["parquet"][0] == hashlib.sha256(payload).hexdigest()[:24]
+    assert (
+        sample_id("web", "https://example.com/a.jpg", None)
+        == hashlib.sha256(b"web\x1fhttps://example.com/a.jpg\x1f\x00<null>\x1f").hexdigest()[:24]
+    )
 
 
 def test_extra_columns_travel_as_json(tmp_path: Path) -> None:
