@@ -4,8 +4,9 @@ Baseline: in the main process, for each batch, PIL decode + open_clip's preproce
 L2-normalise, float16 (what a notebook would write). Candidates, same model, batch size and dtype: the
 stage's image encoding (ClipEncoder.encode_images: a DataLoader with worker processes on CPU, nvjpeg on a
 GPU), the like-for-like comparison; and the whole embed stage (tasks.embed.embed_shard), which also embeds
-every caption and computes the perceptual hash. Images/s and ratios are printed (run order alternates;
-medians over --repeats).
+every caption and computes the perceptual hash in a thread pool beside the encoder. Images/s and ratios are
+printed (run order alternates; medians over --repeats), then the perceptual hash alone, serial and through the
+stage's pool: the ceiling the hash puts on the stage (it matters on a GPU, where the encoder is fast).
 
 CPU (the issue's setting): ViT-B-32, random weights, 512 images. On a GPU machine run it from the source tree
 with --device cuda --precision bf16 and compare with STACK_NOTES (PIL DataLoader 1.6k img/s, nvjpeg 12.1k).
@@ -76,8 +77,9 @@ def main() -> None:
     import pyarrow as pa
 
     from models.clip import ClipSpec, load_clip
+    from models.perceptual_hash import dct_hash
     from storage.schemas import VALIDATE_SCHEMA
-    from tasks.embed import embed_shard
+    from tasks.embed import HASH_THREADS, embed_shard, hash_pool
 
     images = jpeg_bytes(args.images)
     n = len(images)
@@ -127,6 +129,17 @@ def main() -> None:
     print(
         f"image encoding stage/bare throughput: {median['bare'] / median['encoder']:.2f}; whole stage/bare: "
         f"{median['bare'] / median['stage']:.2f}; min cosine between the two image paths: {agreement:.5f}"
+    )
+    start = time.perf_counter()
+    for data in images:
+        dct_hash(data)
+    serial = time.perf_counter() - start
+    start = time.perf_counter()
+    list(hash_pool().map(dct_hash, images))
+    pooled = time.perf_counter() - start
+    print(
+        f"perceptual hash alone: serial {n / serial:.0f} img/s, the stage's pool of "
+        f"{HASH_THREADS} threads {n / pooled:.0f} img/s"
     )
 
 
