@@ -5,8 +5,9 @@ WORKDIR/dataset/
   <split>/part-00000.parquet ...        DATASET_SCHEMA rows, in the order the plan gives them
   webdataset/<split>/shard-00000.tar    (optional) the same samples as part-00000.parquet, same order
 
-A part is closed once it holds `rows_per_shard` rows or its image bytes reach `bytes_per_shard`: the image
-that reaches the budget is the part's last, so a part passes the budget by less than one image.
+A part holds at most `rows_per_shard` rows and at most `bytes_per_shard` bytes of images: a row whose image
+would pass the byte budget starts the next part, and an image larger than the whole budget gets a part of its
+own. (The Parquet file adds the other columns, about 200 bytes a row, and its footer.)
 
 Commit protocol: the manifest is removed first, every file is written atomically, the manifest is written
 last, and then every file the manifest does not name (parts of an earlier, larger run; temporaries of a
@@ -213,14 +214,17 @@ def _totals(files: list[DatasetFile]) -> dict[str, Any]:
     }
 
 
-def _rows_to_take(image_lengths: np.ndarray, rows_left: int, bytes_left: int | None) -> tuple[int, bool]:
-    """How many of the next rows go into a container that has `rows_left` rows and `bytes_left` image
-    bytes of room, and whether it is then full. It closes on the row whose image reaches the budget."""
+def _rows_to_take(
+    image_lengths: np.ndarray, rows_left: int, bytes_left: int | None, part_is_empty: bool
+) -> tuple[int, bool]:
+    """How many of the next rows go into a part that has `rows_left` rows and `bytes_left` image bytes of
+    room, and whether it is then full. Rows go in while their images fit; an image larger than the whole
+    budget gets a part of its own."""
     candidates = image_lengths[:rows_left]
     if bytes_left is not None:
-        reached = np.flatnonzero(np.cumsum(candidates) >= bytes_left)
-        if reached.size:
-            return int(reached[0]) + 1, True
+        fitting = int(np.searchsorted(np.cumsum(candidates), bytes_left, side="right"))
+        if fitting < len(candidates):
+            return (1 if fitting == 0 and part_is_empty else fitting), True
     return len(candidates), len(candidates) == rows_left
 
 
@@ -274,7 +278,9 @@ class _Part:
         start = 0
         while start < rows.num_rows:
             bytes_left = ROW_GROUP_IMAGE_BYTES - self._pending_bytes
-            take, full = _rows_to_take(lengths[start:], ROW_GROUP_ROWS - self._pending_rows, bytes_left)
+            take, full = _rows_to_take(
+                lengths[start:], ROW_GROUP_ROWS - self._pending_rows, bytes_left, self._pending_rows == 0
+            )
             piece = rows.slice(start, take)
             # a group left open keeps a copy, not a view: a view would keep the whole batch in memory
             self._pending.append(piece if full else piece.take(np.arange(take)))
@@ -335,7 +341,9 @@ class _SplitWriter:
                 self._part = _Part(self._root, self._split, index, self._webdataset)
             part = self._part
             bytes_left = None if self._bytes_per_shard is None else self._bytes_per_shard - part.image_bytes
-            take, full = _rows_to_take(lengths[start:], self._rows_per_shard - part.rows, bytes_left)
+            take, full = _rows_to_take(
+                lengths[start:], self._rows_per_shard - part.rows, bytes_left, part.rows == 0
+            )
             part.add(rows.slice(start, take))
             start += take
             if full:

@@ -130,18 +130,17 @@ def test_rows_budget_closes_parts_and_keeps_every_kept_sample_once(tmp_path: Pat
     assert sorted(seen) == expected_ids
 
 
-def test_bytes_budget_closes_a_part_on_the_image_that_reaches_it(tmp_path: Path) -> None:
+def test_bytes_budget_is_never_passed_and_every_part_is_filled_up_to_it(tmp_path: Path) -> None:
     layout, tables = _fake_workdir(tmp_path)
     budget = 20_000
     _publish(layout, tables, rows_per_shard=1000, bytes_per_shard=budget, val_fraction=0.0)
     parts = _parts(layout, "train")
     assert len(parts) >= 3
-    for index, part in enumerate(parts):
-        lengths = [len(b) for b in part.column("image").to_pylist()]
-        if index < len(parts) - 1:
-            assert sum(lengths) >= budget > sum(lengths[:-1])
-        else:
-            assert sum(lengths) < budget + lengths[-1]
+    lengths = [[len(b) for b in part.column("image").to_pylist()] for part in parts]
+    for index, part_lengths in enumerate(lengths):
+        assert sum(part_lengths) <= budget
+        if index < len(parts) - 1:  # the next part's first image did not fit
+            assert sum(part_lengths) + lengths[index + 1][0] > budget
     assert read_dataset_manifest(layout).totals["rows_per_split"] == {"train": 90, "val": 0}
 
 
@@ -163,7 +162,7 @@ def _synthetic_rows(image_sizes: list[int]) -> pa.Table:
     )
 
 
-def test_bytes_budget_is_reached_inclusively_and_an_oversized_image_stands_alone(tmp_path: Path) -> None:
+def test_bytes_budget_is_inclusive_and_an_oversized_image_stands_alone(tmp_path: Path) -> None:
     layout = Layout(tmp_path)
     sizes = [1000] * 6 + [5000] + [1000] * 3
     batches = [_synthetic_rows(sizes).slice(0, 4), _synthetic_rows(sizes).slice(4)]
