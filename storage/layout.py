@@ -19,6 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def shard_name(source: str, index: int) -> str:
+    """The id of a source's index-th ingest shard; every later stage keeps it."""
+    return f"{source}-{index:05d}"
+
+
+def shard_source(shard_id: str) -> str:
+    """The source a shard id was made from (source names may contain '-', the index never does)."""
+    return shard_id.rsplit("-", 1)[0]
+
+
 @dataclass(frozen=True)
 class Layout:
     root: Path
@@ -60,6 +70,39 @@ class Layout:
 
     def remove_scratch(self, stage: str, shard_id: str) -> None:
         shutil.rmtree(self.stage_dir(stage) / "scratch" / shard_id, ignore_errors=True)
+
+    def remove_unlisted(
+        self, stage: str, shards: set[str], units: set[str], failed_sources: set[str]
+    ) -> list[Path]:
+        """Deletes the stage's files of shards and units it no longer has (a source that shrank or left the
+        config), so that reading `<stage>/ledger/*.parquet` directly gives one fate per current sample.
+        Files of a source that failed this run stay: when it reads again, its shards resume instead of being
+        downloaded again. Returns what was removed."""
+
+        def stale(name: str, keep: set[str]) -> bool:
+            return (
+                name not in keep and name not in failed_sources and shard_source(name) not in failed_sources
+            )
+
+        stage_dir = self.stage_dir(stage)
+        removed: list[Path] = []
+        for folder, suffix, keep in (
+            ("data", ".parquet", shards),
+            ("ledger", ".parquet", shards),
+            ("arrays", ".npy", shards),
+            ("markers", ".json", units),
+        ):
+            for path in sorted((stage_dir / folder).glob(f"*{suffix}")):
+                name = path.name.removesuffix(suffix)
+                owner = name.rsplit(".", 1)[0] if folder == "arrays" else name  # <shard>.<array>.npy
+                if stale(owner, keep):
+                    path.unlink()
+                    removed.append(path)
+        for path in sorted((stage_dir / "scratch").glob("*")):
+            if stale(path.name, shards):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        return removed
 
     def detector(self, name: str) -> Path:
         return self.root / "detectors" / f"{name}.json"

@@ -170,6 +170,7 @@ def complete_stage(
         finished_at=now(),
     )
     write_manifest(layout, manifest)
+    layout.remove_unlisted(stage, set(shards), set(unit_fingerprints), set(manifest.failed_sources))
     return manifest
 
 

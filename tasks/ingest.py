@@ -28,7 +28,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from rs5m.config import IngestConfig, SourceConfig
-from storage.layout import Layout
+from storage.layout import Layout, shard_name
 from storage.markers import Marker, marker_is_current, read_marker, stage_fingerprint, write_marker
 from storage.schemas import INGEST_SCHEMA
 from tasks.harness import ShardSummary, commit_shard, now, total_counts
@@ -358,7 +358,7 @@ def ingest_source_shards(
     outputs: dict[str, str] = {}
     counts: dict[str, dict[str, int]] = {}
     for index, outcome in enumerate(SourceIngester(source, config).shards()):
-        shard_id = f"{source.name}-{index:05d}"
+        shard_id = shard_name(source.name, index)
         outputs[shard_id], counts[shard_id] = commit_shard(
             layout, "ingest", shard_id, outcome, INGEST_SCHEMA, run_id, fingerprint
         )
