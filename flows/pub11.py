@@ -33,7 +33,7 @@ from tasks.harness import (
     complete_stage,
     now,
 )
-from tasks.pipeline import RS5M_COLUMNS, STAGE_ORDER
+from tasks.pipeline import RS5M_COLUMNS, STAGE_ORDER, check_config
 
 
 class StageFailed(RuntimeError):
@@ -244,6 +244,7 @@ def publish_funnel(report: FunnelReport, workdir: str) -> None:
 def pub11_flow(config: PipelineConfig, stages: list[str] | None = None):
     """The PUB11 pipeline: ingest -> keyword -> download -> validate -> embed -> filter -> dedup ->
     decontaminate -> shard (or the listed stages, in order)."""
+    check_config(config, stages)  # deployments and API-triggered runs fail here too, before any work
     layout, run_id = Layout(config.workdir), _run_id(None)
     selected = [s for s in STAGE_ORDER if stages is None or s in stages]
     record: dict[str, Any] = {

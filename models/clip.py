@@ -20,6 +20,7 @@ No prefect import here: this module runs from a source tree on GPU machines that
 
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import io
@@ -37,6 +38,7 @@ import open_clip
 import torch
 import torch.nn.functional as nnf
 import torchvision.transforms.v2.functional as tvf
+from open_clip.pretrained import download_pretrained
 from open_clip.transform import PreprocessCfg
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -122,7 +124,7 @@ class ClipSpec:
         if self.pretrained in open_clip.list_pretrained_tags_by_model(self.model):
             return "hub"
         if self.model not in open_clip.list_models():
-            raise ValueError(f"unknown open_clip model {self.model!r}; known: {open_clip.list_models()}")
+            raise ValueError(unknown_model_message(self.model))
         raise ValueError(
             f"pretrained={self.pretrained!r} is neither a file nor an open_clip tag of {self.model}; "
             f"tags: {open_clip.list_pretrained_tags_by_model(self.model)}"
@@ -147,8 +149,17 @@ def _config_sha256(model: str) -> str:
     register_project_configs()
     config = open_clip.get_model_config(model)
     if config is None:
-        raise ValueError(f"unknown open_clip model {model!r}; known: {open_clip.list_models()}")
+        raise ValueError(unknown_model_message(model))
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def unknown_model_message(model: str) -> str:
+    close = difflib.get_close_matches(model, open_clip.list_models(), n=3, cutoff=0.5)
+    suggestion = f" (did you mean {', '.join(close)}?)" if close else ""
+    return (
+        f"unknown open_clip model {model!r}{suggestion}; list them with "
+        "`python -c 'import open_clip; print(open_clip.list_models())'` (the project's own are in models/configs/)"
+    )
 
 
 def _download_hint(model: str, tag: str) -> str:
@@ -162,9 +173,30 @@ def _download_hint(model: str, tag: str) -> str:
     return (
         f"On a machine with internet, fill the Hugging Face cache with "
         f"`python -c \"import open_clip; open_clip.create_model_and_transforms('{model}', pretrained='{tag}')\"` "
-        f"(or {fetch}) and copy the cache (HF_HOME) here, or pass the checkpoint file itself as "
-        f"ClipSpec(pretrained='/path/to/checkpoint')."
+        f"(or {fetch}) and copy the cache (HF_HOME) here, or point at the checkpoint file itself: "
+        f"`clip.pretrained: /path/to/checkpoint` in the pipeline config, ClipSpec(pretrained='/path/to/checkpoint') "
+        f"in Python."
     )
+
+
+def ensure_loadable(spec: ClipSpec, cache_dir: str | None = None) -> None:
+    """Raises, with what to do, unless load_clip(spec) can build the model: a known architecture, a checkpoint
+    file or hub tag that resolves, hub weights that are cached or downloadable (they are downloaded now), and
+    the device. Cheap apart from that download, so a pipeline checks it before any stage runs."""
+    spec.identity()  # the architecture and the weight source resolve
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("clip.device is 'cuda' but torch.cuda.is_available() is False on this machine")
+    if spec.source != "hub":
+        return
+    try:
+        download_pretrained(open_clip.get_pretrained_cfg(spec.model, spec.pretrained), cache_dir=cache_dir)
+    except (OSError, RuntimeError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        why = "HF_HUB_OFFLINE is set" if offline else "the download failed (no network?)"
+        raise ClipWeightsUnavailableError(
+            f"weights for {spec.model} / {spec.pretrained} are not in the local cache and {why}. "
+            f"{_download_hint(spec.model, spec.pretrained)} Cause: {err}"
+        ) from err
 
 
 def load_clip(
@@ -180,31 +212,19 @@ def load_clip(
     cache_dir: where open_clip looks for / downloads hub weights (default: the Hugging Face cache).
     """
     register_project_configs()
+    ensure_loadable(spec, cache_dir)
     device = spec.resolved_device()
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("ClipSpec(device='cuda') but torch.cuda.is_available() is False")
-    source = spec.source
-    pretrained = None if source == "random" else spec.pretrained
+    pretrained = None if spec.source == "random" else spec.pretrained
     # open_clip's "bf16"/"fp16" cast Linear/Conv/attention weights and keep LayerNorms in fp32 (OpenAI-style)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                spec.model,
-                pretrained=pretrained,
-                precision=spec.precision,
-                device=device,
-                cache_dir=cache_dir,
-            )
-        except RuntimeError as err:
-            if source != "hub":
-                raise
-            offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-            why = "HF_HUB_OFFLINE is set" if offline else "the download failed (no network?)"
-            raise ClipWeightsUnavailableError(
-                f"weights for {spec.model} / {spec.pretrained} are not in the local cache and {why}. "
-                f"{_download_hint(spec.model, spec.pretrained)} Cause: {err}"
-            ) from err
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.model,
+            pretrained=pretrained,
+            precision=spec.precision,
+            device=device,
+            cache_dir=cache_dir,
+        )
     model.eval()
     tokenizer = open_clip.get_tokenizer(spec.model)
     if decoder == "auto":

@@ -27,7 +27,9 @@ def _stage_list(text: str) -> list[str]:
 
 def run_pipeline(config: PipelineConfig, stages: list[str] | None) -> int:
     from flows.pub11 import pub11_flow
+    from tasks.pipeline import check_config
 
+    check_config(config, stages)  # a bad model, detector or eval folder fails here, before any stage runs
     state = pub11_flow(config=config, stages=stages, return_state=True)
     if state.is_completed():
         return 0

@@ -27,6 +27,13 @@ class Strict(BaseModel):
 SOURCE_FORMATS = ("parquet", "csv", "tsv", "jsonl")
 
 
+def _check_unique(kind: str, names: list[str]) -> None:
+    # names key files and report rows: two entries with one name would merge their counts
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"{kind} names must be unique, repeated: {', '.join(duplicates)}")
+
+
 class SourceConfig(Strict):
     """One web image-text source (a LAION part, CC3M's TSV, ...)."""
 
@@ -151,6 +158,12 @@ class DecontaminateConfig(Strict):
     perceptual_max_distance: int | None = Field(11, ge=0, le=32)
     embedding_min_similarity: float | None = Field(0.95, gt=0, le=1)
 
+    @field_validator("eval_sets")
+    @classmethod
+    def _unique_names(cls, eval_sets: list[EvalSetConfig]) -> list[EvalSetConfig]:
+        _check_unique("eval set", [s.name for s in eval_sets])
+        return eval_sets
+
 
 class ShardConfig(Strict):
     rows_per_shard: int = Field(10_000, ge=1, description="Final Parquet shard size in rows.")
@@ -189,10 +202,7 @@ class PipelineConfig(Strict):
     @field_validator("sources")
     @classmethod
     def _unique_names(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
-        names = [s.name for s in sources]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"source names must be unique, repeated: {', '.join(duplicates)}")
+        _check_unique("source", [s.name for s in sources])
         return sources
 
     def section(self, name: str) -> BaseModel:

@@ -221,10 +221,7 @@ def filter_identity(config: PipelineConfig) -> dict[str, str]:
     }
     path = detector_path(config)
     if path is not None:
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"filter.detector: no detector at {path}; run `rs5m train-detector` first"
-            )
+        load_detector(path, clip_spec(config.clip).identity())  # exists, and was trained for this model
         identity["detector"] = sha256_file(path)
     return identity
 

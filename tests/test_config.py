@@ -5,9 +5,14 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 
+from models.rs_detector import Detector, save_detector
 from rs5m.config import ConfigError, load_config, parse_config
+from storage.layout import Layout
+from tasks.pipeline import check_config
 from tests.helpers import BIN
 
 GOOD = {
@@ -45,6 +50,10 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
         ({"sources": [{"name": "x", "path": "x", "format": "tsv", "header": False}]}, "sources.0"),
         ({"sources": []}, "sources"),
         ({"sources": [GOOD["sources"][0], GOOD["sources"][0]]}, "sources"),
+        (
+            {"decontaminate": {"eval_sets": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}},
+            "decontaminate.eval_sets",
+        ),
     ],
 )
 def test_bad_values_name_their_field(change: dict, field: str) -> None:
@@ -83,3 +92,65 @@ def test_cli_rejects_a_missing_config_and_an_unknown_stage(tmp_path: Path) -> No
     assert result.returncode == 2 and "cannot read config" in result.stderr
     result = run_cli("run", str(tmp_path / "nope.yaml"), "--stages", "ingest,dedupe")
     assert result.returncode == 2 and "unknown stage(s) dedupe" in result.stderr
+
+
+def _resources_config(tmp_path: Path, **sections: dict) -> dict:
+    """A config whose model, prompts and eval set all resolve; `sections` replace parts of it."""
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir(exist_ok=True)
+    (eval_dir / "a.png").write_bytes(b"not decoded by the check")
+    return {
+        **GOOD,
+        "workdir": str(tmp_path / "work"),
+        "clip": {"model": "rs5m-tiny-vit"},
+        "decontaminate": {"eval_sets": [{"name": "val", "path": str(eval_dir)}]},
+        **sections,
+    }
+
+
+@pytest.mark.parametrize(
+    ("sections", "expected"),
+    [
+        (
+            {"clip": {"model": "rs5m-tiny-vitt"}},
+            "clip: unknown open_clip model 'rs5m-tiny-vitt' (did you mean",
+        ),
+        ({"clip": {"model": "rs5m-tiny-vit", "pretrained": "/no/such/ckpt.pt"}}, "neither a file nor"),
+        ({"filter": {"rs_prompts": "rs-v9"}}, "stage filter (clip, filter): "),
+        ({"filter": {"detector": "absent"}}, "no detector at"),
+        (
+            {"filter": {"detector": "other_model"}},
+            "was trained on embeddings of 'ViT-B-32:laion2b_s34b_b79k'",
+        ),
+        ({"decontaminate": {"eval_sets": [{"name": "v", "path": "/no/such/dir"}]}}, "is not a folder"),
+        ({"decontaminate": {"eval_sets": [{"name": "v", "path": "."}]}}, "no .bmp/"),
+    ],
+)
+def test_missing_or_unfit_resources_fail_before_any_stage_runs(
+    tmp_path: Path, sections: dict, expected: str
+) -> None:
+    save_detector(
+        Detector(weights=np.zeros(64), bias=0.0, model_identity="ViT-B-32:laion2b_s34b_b79k"),
+        Layout(tmp_path / "work").detector("other_model"),
+    )
+    (tmp_path / "empty").mkdir()
+    config = parse_config(_resources_config(tmp_path, **sections), base_dir=tmp_path / "empty")
+    check_config(config, ["ingest", "keyword", "download", "validate"])  # these stages use none of it
+    with pytest.raises(ConfigError) as caught:
+        check_config(config)
+    assert expected in str(caught.value)
+    assert len(str(caught.value)) < 1000
+
+
+def test_resources_that_resolve_pass_the_check(tmp_path: Path) -> None:
+    check_config(parse_config(_resources_config(tmp_path)))
+
+
+def test_cli_reports_a_missing_detector_in_one_line_and_runs_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(_resources_config(tmp_path, filter={"detector": "absent"})))
+    result = run_cli("run", str(path))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith("rs5m: stage filter (clip, filter): no detector at")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "work" / "ingest").exists()

@@ -177,14 +177,15 @@ def test_hub_tag_offline_fails_with_download_instructions(tmp_path, monkeypatch)
     message = str(caught.value)
     assert "HF_HUB_OFFLINE" in message
     assert "huggingface-cli download laion/CLIP-ViT-B-32-laion2B-s34B-b79K" in message
-    assert "ClipSpec(pretrained='/path/to/checkpoint')" in message
+    assert "clip.pretrained: /path/to/checkpoint" in message
 
 
 def test_unknown_tag_or_missing_file_is_a_clear_value_error(tmp_path):
     with pytest.raises(ValueError, match="neither a file nor an open_clip tag"):
         ClipSpec(TINY, pretrained=str(tmp_path / "missing.pt")).identity()
-    with pytest.raises(ValueError, match="unknown open_clip model"):
-        ClipSpec("no-such-model", seed=0).identity()
+    with pytest.raises(ValueError, match="unknown open_clip model") as caught:
+        ClipSpec("ViT-B-32x", seed=0).identity()
+    assert "did you mean ViT-B-32" in str(caught.value) and len(str(caught.value)) < 300
 
 
 def test_local_checkpoint_round_trips_and_is_identified_by_its_sha256(tiny, synthetic_images, tmp_path):
