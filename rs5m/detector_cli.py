@@ -28,6 +28,7 @@ def add_train_detector_parser(commands: argparse._SubParsersAction) -> argparse.
 
 
 def cmd_train_detector(args: argparse.Namespace) -> int:
+    from models.clip import ClipWeightsUnavailableError
     from models.rs_detector import check_detector_name, save_detector, train_detector
     from rs5m.config import ClipConfig, load_config
     from storage.layout import Layout
@@ -35,19 +36,19 @@ def cmd_train_detector(args: argparse.Namespace) -> int:
 
     try:
         name = check_detector_name(args.name)
-    except ValueError as error:
-        print(error, file=sys.stderr)
+        clip = load_config(args.config).clip if args.config else ClipConfig()
+        detector = train_detector(
+            Path(args.positives),
+            Path(args.negatives),
+            shared_encoder(clip).encoder,
+            heldout_fraction=args.heldout_fraction,
+            seed=args.seed,
+            batch_size=clip.batch_size,
+        )
+    except (OSError, ValueError, ClipWeightsUnavailableError) as error:
+        # what the user gave (folders, fraction, model, config) is wrong: say it in one line
+        print(f"rs5m train-detector: {error}", file=sys.stderr)
         return 2
-    clip = load_config(args.config).clip if args.config else ClipConfig()
-    encoder = shared_encoder(clip).encoder
-    detector = train_detector(
-        Path(args.positives),
-        Path(args.negatives),
-        encoder,
-        heldout_fraction=getattr(args, "heldout_fraction", 0.2),
-        seed=getattr(args, "seed", 0),
-        batch_size=clip.batch_size,
-    )
     path = Layout(Path(args.workdir)).detector(name)
     save_detector(detector, path)
     stats = detector.stats

@@ -161,3 +161,31 @@ def test_train_detector_refuses_a_name_that_is_not_a_file_name(
     assert "detector name '../rs' must match" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "detectors").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"--positives": "missing"}, "image folder not found"),
+        ({"--positives": "empty"}, "at least 2"),
+        ({"--heldout-fraction": "1.5"}, "heldout"),
+    ],
+)
+def test_train_detector_reports_bad_input_in_one_line(
+    user_folders: dict[str, Path], tmp_path: Path, change: dict[str, str], expected: str
+) -> None:
+    (tmp_path / "empty").mkdir()
+    args = {
+        "--workdir": str(tmp_path / "work"),
+        "--name": "rs",
+        "--positives": str(user_folders["positives"]),
+        "--negatives": str(user_folders["negatives"]),
+        "--config": str(user_folders["config"]),
+    }
+    args.update({k: str(tmp_path / v) if k == "--positives" else v for k, v in change.items()})
+    result = train_detector_cli(*(item for pair in args.items() for item in pair))
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("rs5m train-detector: ") and expected in last_line
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "work" / "detectors").exists()
