@@ -253,15 +253,23 @@ def test_kill_mid_download_shard_then_rerun_matches_the_uninterrupted_run(
     assert canonical(workdir) == canonical(demo_run)
 
 
-def test_changing_a_stage_config_reruns_it_and_marks_later_stages_stale(
-    tmp_path: Path, demo_run: Path, prefect_server
-) -> None:
-    workdir = tmp_path / "rerun"
+def copy_of_demo(demo_run: Path, workdir: Path) -> dict:
+    """A copy of the reference run's work directory, and its resolved config pointed at the copy."""
     shutil.copytree(demo_run, workdir, ignore=shutil.ignore_patterns("catalog.duckdb*"))
     config = yaml.safe_load((workdir / "demo-config.yaml").read_text())
     config["workdir"] = str(workdir)
     for source in config["sources"]:
         source["path"] = str(workdir / "demo_sources" / Path(source["path"]).name)
+    for eval_set in config["decontaminate"]["eval_sets"]:
+        eval_set["path"] = str(workdir / Path(eval_set["path"]).name)
+    return config
+
+
+def test_changing_a_stage_config_reruns_it_and_marks_later_stages_stale(
+    tmp_path: Path, demo_run: Path, prefect_server
+) -> None:
+    workdir = tmp_path / "rerun"
+    config = copy_of_demo(demo_run, workdir)
     empty_exclusions = tmp_path / "no-exclusions.txt"
     empty_exclusions.write_text("# no exclusions: every keyword hit counts\n")
     changed = tmp_path / "changed.yaml"
@@ -291,3 +299,45 @@ def test_changing_a_stage_config_reruns_it_and_marks_later_stages_stale(
     report = report_json(workdir)
     assert report["incomplete"] == []
     assert canonical(workdir)[1] == canonical(demo_run)[1]
+
+
+@pytest.mark.parametrize(
+    ("module", "attribute", "nth"),
+    [
+        ("tasks.harness", "commit_shard", 3),  # dedup has rewritten two shards of its new decisions
+        ("storage.dataset", "_Part.commit", 2),  # the shard stage has published one new Parquet part
+    ],
+)
+def test_a_crash_inside_a_global_stage_then_rerun_matches_an_uninterrupted_run(
+    tmp_path: Path, demo_run: Path, prefect_server, module: str, attribute: str, nth: int
+) -> None:
+    # a new dedup and shard config over the demo's upstream stages, so the crashed run had new work to write
+    outputs = {}
+    for name in ("crashed", "uninterrupted"):
+        config = copy_of_demo(demo_run, tmp_path / name)
+        config["dedup"]["exact"] = False  # copies found as perceptual duplicates (distance 0) instead
+        config["shard"]["rows_per_shard"] = 16
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        if name == "crashed":
+            crash = subprocess.run(
+                [str(BIN / "python"), str(Path(__file__).parent / "crash_at.py"), module, attribute, str(nth)]
+                + ["run", str(path)],
+                capture_output=True,
+                text=True,
+                env=prefect_server.env(),
+                timeout=DEMO_TIMEOUT_S,
+            )
+            assert crash.returncode == 137, crash.stderr[-3000:]
+        result = rs5m("run", str(path), env=prefect_server.env())
+        assert result.returncode == 0, result.stderr[-5000:]
+        outputs[name] = (
+            canonical(tmp_path / name),
+            (tmp_path / name / "dataset" / "manifest.json").read_text(),
+            sorted(p.name for p in (tmp_path / name).rglob("*") if ".tmp-" in p.name),
+        )
+    assert outputs["crashed"] == outputs["uninterrupted"]
+    ledger, _ = outputs["crashed"][0]
+    assert outputs["crashed"][0] != canonical(demo_run)  # the new config did change decisions
+    assert not outputs["crashed"][2]  # no temporaries left by the crash survive the rerun
+    assert any("duplicate_perceptual" in row for row in ledger)
