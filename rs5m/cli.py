@@ -50,8 +50,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from storage.layout import Layout
 
     layout = Layout(Path(args.workdir))
-    if not layout.catalog.exists():
-        print(f"no catalog in {layout.root}: run the pipeline there first", file=sys.stderr)
+    if not layout.catalog.exists() and not any(layout.root.glob("*/manifest.json")):
+        print(f"no pipeline output in {layout.root}: run the pipeline there first", file=sys.stderr)
         return 2
     report = load_funnel(layout)
     print(json.dumps(report.to_json(), indent=2) if args.json else funnel_text(report))

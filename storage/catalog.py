@@ -1,7 +1,9 @@
 """The DuckDB catalog: a small file of views over the Parquet that the stages wrote. It holds no data.
 
-Views (rebuilt after every stage; readers open the file read-only and briefly, so `rs5m report` works
-while a run is going):
+Views (rebuilt after every stage, and by `rs5m report` when the work directory was moved or copied, since
+views name absolute paths; readers open the file read-only and briefly, so `rs5m report` works while a run
+is going):
+  catalog_info  root: the work directory the views were built for
   stages   stage, position, rs5m_column, status (complete | stale | running | not_run)
   ledger   every fate of every complete, current stage
   funnel   stage, position, source, fate, reason, n
@@ -57,7 +59,8 @@ def _sql_list(paths: Sequence[Path]) -> str:
 
 
 def _view_statements(layout: Layout, states: list[StageState], stage_columns: dict[str, str]) -> list[str]:
-    statements = []
+    # DuckDB views hold absolute paths; the root they were built for tells a moved work directory apart
+    statements = [f"CREATE VIEW catalog_info AS SELECT {_sql_list([layout.root])[1:-1]} AS root"]
     rows = ", ".join(
         f"('{s.stage}', {i}, '{stage_columns.get(s.stage, '')}', '{s.status}')" for i, s in enumerate(states)
     )
@@ -104,6 +107,19 @@ def refresh_catalog(layout: Layout, stage_order: Sequence[str], stage_columns: d
             con.close()
         Path(f"{tmp}.wal").unlink(missing_ok=True)
     return layout.catalog
+
+
+def catalog_root(layout: Layout) -> Path | None:
+    """The work directory the catalog's views were built for (None: no catalog, or one without the record)."""
+    if not layout.catalog.exists():
+        return None
+    con = open_catalog(layout)
+    try:
+        return Path(con.sql("SELECT root FROM catalog_info").fetchall()[0][0])
+    except duckdb.CatalogException:
+        return None
+    finally:
+        con.close()
 
 
 def open_catalog(layout: Layout, attempts: int = 20) -> duckdb.DuckDBPyConnection:

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from rs5m.demo import expected_contaminated, expected_dedup, expected_funnel, row_key
+from storage.catalog import catalog_root
 from storage.layout import Layout
 from tests.helpers import BIN, free_port
 
@@ -251,6 +252,20 @@ def test_kill_mid_download_shard_then_rerun_matches_the_uninterrupted_run(
     result = rs5m("demo", "--workdir", str(workdir), "--port", str(demo_port), env=prefect_server.env())
     assert result.returncode == 0, result.stderr[-5000:]
     assert canonical(workdir) == canonical(demo_run)
+
+
+def test_report_on_a_moved_work_directory_rebuilds_the_catalog_there(tmp_path: Path, demo_run: Path) -> None:
+    copied, moved = tmp_path / "copied", tmp_path / "moved"
+    shutil.copytree(demo_run, copied)  # with the catalog, whose views name demo_run's files
+    assert catalog_root(Layout(copied)) == demo_run
+    expected = report_json(demo_run)["stages"]
+    assert report_json(copied)["stages"] == expected
+    assert catalog_root(Layout(copied)) == copied
+    copied.rename(moved)  # the views now name files that no longer exist
+    assert report_json(moved) == report_json(demo_run) | {"workdir": str(moved)}
+    assert catalog_root(Layout(moved)) == moved
+    (moved / "catalog.duckdb").unlink()
+    assert report_json(moved)["stages"] == expected  # no catalog: built from the manifests
 
 
 def copy_of_demo(demo_run: Path, workdir: Path) -> dict:
