@@ -48,6 +48,13 @@ def _refresh(layout: Layout) -> None:
     refresh_catalog(layout, STAGE_ORDER, RS5M_COLUMNS)
 
 
+def _begin_stage(layout: Layout, stage: str) -> None:
+    """The stage is about to rewrite its files: drop its manifest and rebuild the catalog, so that readers
+    (and a killed run's work directory) show it and every later stage as not complete until it ends."""
+    invalidate_manifest(layout, stage)
+    _refresh(layout)
+
+
 def _collect(units: list[str], futures: Any) -> tuple[list[ShardSummary], dict[str, str]]:
     """Wait for every unit's task; the summaries of those that completed, and unit -> error for the rest."""
     futures.wait()
@@ -75,7 +82,7 @@ def _stage_result(stage: str, summaries: list[ShardSummary], failed: dict[str, s
 def ingest_flow(config: PipelineConfig, run_id: str | None = None) -> dict[str, Any]:
     """Read every source into ingest shards; a source that cannot be read fails alone."""
     layout, run_id = Layout(config.workdir), _run_id(run_id)
-    invalidate_manifest(layout, "ingest")
+    _begin_stage(layout, "ingest")
     futures = ingest.ingest_task.map(
         workdir=unmapped(str(layout.root)),
         source=config.sources,
@@ -114,7 +121,7 @@ def _run_shard_stage(
     layout, run_id = Layout(config.workdir), _run_id(run_id)
     _require_upstream(layout, stage)
     shard_ids = list(read_manifest(layout, stage.upstream).shards)
-    invalidate_manifest(layout, stage.name)
+    _begin_stage(layout, stage.name)
     futures = task.map(
         workdir=unmapped(str(layout.root)),
         shard_id=shard_ids,
@@ -146,7 +153,7 @@ def _run_global_stage(
     """One task over all shards (the stage needs them together); a new or changed shard reruns it whole."""
     layout, run_id = Layout(config.workdir), _run_id(run_id)
     _require_upstream(layout, stage)
-    invalidate_manifest(layout, stage.name)
+    _begin_stage(layout, stage.name)
     summary = task(workdir=str(layout.root), config=config, run_id=run_id)
     complete_stage(
         layout,

@@ -316,43 +316,67 @@ def test_changing_a_stage_config_reruns_it_and_marks_later_stages_stale(
     assert canonical(workdir)[1] == canonical(demo_run)[1]
 
 
+def new_dedup_and_shard_config(demo_run: Path, workdir: Path) -> Path:
+    """A copy of the demo whose dedup and shard configs changed: those stages have new work to write."""
+    config = copy_of_demo(demo_run, workdir)
+    config["dedup"]["exact"] = False  # copies found as perceptual duplicates (distance 0) instead
+    config["shard"]["rows_per_shard"] = 16
+    path = workdir.parent / f"{workdir.name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_outputs(workdir: Path) -> tuple:
+    return (
+        canonical(workdir),
+        (workdir / "dataset" / "manifest.json").read_text(),
+        sorted(p.name for p in workdir.rglob("*") if ".tmp-" in p.name),
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_new_config(tmp_path_factory, demo_run: Path, prefect_server) -> tuple:
+    workdir = tmp_path_factory.mktemp("new-config") / "uninterrupted"
+    result = rs5m("run", str(new_dedup_and_shard_config(demo_run, workdir)), env=prefect_server.env())
+    assert result.returncode == 0, result.stderr[-5000:]
+    return run_outputs(workdir)
+
+
 @pytest.mark.parametrize(
-    ("module", "attribute", "nth"),
+    ("module", "attribute", "nth", "crashed_in"),
     [
-        ("tasks.harness", "commit_shard", 3),  # dedup has rewritten two shards of its new decisions
-        ("storage.dataset", "_Part.commit", 2),  # the shard stage has published one new Parquet part
+        ("tasks.harness", "commit_shard", 3, "dedup"),  # dedup has rewritten two shards of its new decisions
+        ("storage.dataset", "_Part.commit", 2, "shard"),  # the shard stage has published one new part
     ],
 )
 def test_a_crash_inside_a_global_stage_then_rerun_matches_an_uninterrupted_run(
-    tmp_path: Path, demo_run: Path, prefect_server, module: str, attribute: str, nth: int
+    tmp_path: Path,
+    demo_run: Path,
+    prefect_server,
+    uninterrupted_new_config: tuple,
+    module: str,
+    attribute: str,
+    nth: int,
+    crashed_in: str,
 ) -> None:
-    # a new dedup and shard config over the demo's upstream stages, so the crashed run had new work to write
-    outputs = {}
-    for name in ("crashed", "uninterrupted"):
-        config = copy_of_demo(demo_run, tmp_path / name)
-        config["dedup"]["exact"] = False  # copies found as perceptual duplicates (distance 0) instead
-        config["shard"]["rows_per_shard"] = 16
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        if name == "crashed":
-            crash = subprocess.run(
-                [str(BIN / "python"), str(Path(__file__).parent / "crash_at.py"), module, attribute, str(nth)]
-                + ["run", str(path)],
-                capture_output=True,
-                text=True,
-                env=prefect_server.env(),
-                timeout=DEMO_TIMEOUT_S,
-            )
-            assert crash.returncode == 137, crash.stderr[-3000:]
-        result = rs5m("run", str(path), env=prefect_server.env())
-        assert result.returncode == 0, result.stderr[-5000:]
-        outputs[name] = (
-            canonical(tmp_path / name),
-            (tmp_path / name / "dataset" / "manifest.json").read_text(),
-            sorted(p.name for p in (tmp_path / name).rglob("*") if ".tmp-" in p.name),
-        )
-    assert outputs["crashed"] == outputs["uninterrupted"]
-    ledger, _ = outputs["crashed"][0]
-    assert outputs["crashed"][0] != canonical(demo_run)  # the new config did change decisions
-    assert not outputs["crashed"][2]  # no temporaries left by the crash survive the rerun
+    workdir = tmp_path / "crashed"
+    config = new_dedup_and_shard_config(demo_run, workdir)
+    crash = subprocess.run(
+        [str(BIN / "python"), str(Path(__file__).parent / "crash_at.py"), module, attribute, str(nth)]
+        + ["run", str(config)],
+        capture_output=True,
+        text=True,
+        env=prefect_server.env(),
+        timeout=DEMO_TIMEOUT_S,
+    )
+    assert crash.returncode == 137, crash.stderr[-3000:]
+    incomplete = [s["stage"] for s in report_json(workdir)["incomplete"]]
+    assert incomplete[0] == crashed_in
+    result = rs5m("run", str(config), env=prefect_server.env())
+    assert result.returncode == 0, result.stderr[-5000:]
+    outputs = run_outputs(workdir)
+    assert outputs == uninterrupted_new_config
+    ledger, _ = outputs[0]
+    assert outputs[0] != canonical(demo_run)  # the new config did change decisions
+    assert not outputs[2]  # no temporaries left by the crash survive the rerun
     assert any("duplicate_perceptual" in row for row in ledger)
