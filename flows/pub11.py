@@ -18,7 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from rs5m.config import PipelineConfig
 from rs5m.report import FunnelReport, funnel_markdown, funnel_table_rows, load_funnel
-from storage.catalog import COMPLETE, refresh_catalog, stage_states
+from storage.catalog import COMPLETE, stage_states
 from storage.layout import Layout
 from storage.markers import invalidate_manifest, read_manifest
 from storage.runs import write_run_record
@@ -33,7 +33,7 @@ from tasks.harness import (
     complete_stage,
     now,
 )
-from tasks.pipeline import RS5M_COLUMNS, STAGE_ORDER, check_config
+from tasks.pipeline import STAGE_ORDER, check_config, refresh_pub11_catalog
 
 
 class StageFailed(RuntimeError):
@@ -44,15 +44,11 @@ def _run_id(run_id: str | None) -> str:
     return run_id or str(flow_run.get_id() or "local")
 
 
-def _refresh(layout: Layout) -> None:
-    refresh_catalog(layout, STAGE_ORDER, RS5M_COLUMNS)
-
-
 def _begin_stage(layout: Layout, stage: str) -> None:
     """The stage is about to rewrite its files: drop its manifest and rebuild the catalog, so that readers
     (and a killed run's work directory) show it and every later stage as not complete until it ends."""
     invalidate_manifest(layout, stage)
-    _refresh(layout)
+    refresh_pub11_catalog(layout)
 
 
 def _collect(units: list[str], futures: Any) -> tuple[list[ShardSummary], dict[str, str]]:
@@ -102,7 +98,7 @@ def ingest_flow(config: PipelineConfig, run_id: str | None = None) -> dict[str, 
         run_id=run_id,
         failed_sources=failed,
     )
-    _refresh(layout)
+    refresh_pub11_catalog(layout)
     return _stage_result("ingest", summaries, failed)
 
 
@@ -130,7 +126,7 @@ def _run_shard_stage(
     )
     summaries, failed = _collect(shard_ids, futures)
     if failed:
-        _refresh(layout)
+        refresh_pub11_catalog(layout)
         raise StageFailed(
             f"stage {stage.name!r}: {len(failed)} of {len(shard_ids)} shards failed "
             f"({', '.join(sorted(failed)[:5])}...); the others are committed, rerun to resume: "
@@ -143,7 +139,7 @@ def _run_shard_stage(
         unit_fingerprints=dict.fromkeys(shard_ids, stage.fingerprint(config)),
         run_id=run_id,
     )
-    _refresh(layout)
+    refresh_pub11_catalog(layout)
     return _stage_result(stage.name, summaries, failed)
 
 
@@ -162,7 +158,7 @@ def _run_global_stage(
         unit_fingerprints={GLOBAL_UNIT: stage.fingerprint(config)},
         run_id=run_id,
     )
-    _refresh(layout)
+    refresh_pub11_catalog(layout)
     return _stage_result(stage.name, [summary], {})
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from storage.catalog import COMPLETE, catalog_root, open_catalog, refresh_catalog
+from storage.catalog import COMPLETE, catalog_root, open_catalog
 from storage.layout import Layout
 from storage.markers import read_manifest
 from storage.runs import read_run_record
-from tasks.pipeline import PUB11_STAGES, RS5M_COLUMNS, STAGE_ORDER, StageInfo
+from tasks.pipeline import PUB11_STAGES, StageInfo, refresh_pub11_catalog
 
 SourceCounts = dict[str, Any]  # {"in": n, "kept": n, "dropped": {reason: n}}
 
@@ -78,7 +78,7 @@ class FunnelReport:
 def load_funnel(layout: Layout) -> FunnelReport:
     if catalog_root(layout) != layout.root:
         # a moved or copied work directory: its views still name the files at the old place
-        refresh_catalog(layout, STAGE_ORDER, RS5M_COLUMNS)
+        refresh_pub11_catalog(layout)
     con = open_catalog(layout)
     try:
         status = dict(con.sql("SELECT stage, status FROM stages").fetchall())

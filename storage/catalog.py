@@ -54,13 +54,17 @@ def stage_states(layout: Layout, stage_order: Sequence[str]) -> list[StageState]
     return states
 
 
+def _sql_string(value: object) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
 def _sql_list(paths: Sequence[Path]) -> str:
-    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+    return "[" + ", ".join(_sql_string(p) for p in paths) + "]"
 
 
 def _view_statements(layout: Layout, states: list[StageState], stage_columns: dict[str, str]) -> list[str]:
     # DuckDB views hold absolute paths; the root they were built for tells a moved work directory apart
-    statements = [f"CREATE VIEW catalog_info AS SELECT {_sql_list([layout.root])[1:-1]} AS root"]
+    statements = [f"CREATE VIEW catalog_info AS SELECT {_sql_string(layout.root)} AS root"]
     rows = ", ".join(
         f"('{s.stage}', {i}, '{stage_columns.get(s.stage, '')}', '{s.status}')" for i, s in enumerate(states)
     )

@@ -9,6 +9,8 @@ from typing import Literal
 import tasks.filter
 from models.clip import ensure_loadable
 from rs5m.config import ConfigError, PipelineConfig
+from storage.catalog import refresh_catalog
+from storage.layout import Layout
 from tasks import decontaminate, dedup, download, embed, ingest, keyword, shard, validate
 from tasks.harness import GlobalStage, ShardStage
 
@@ -43,20 +45,28 @@ STAGE_ORDER: tuple[str, ...] = tuple(s.name for s in PUB11_STAGES)
 RS5M_COLUMNS: dict[str, str] = {s.name: s.rs5m_column for s in PUB11_STAGES}
 
 
+def refresh_pub11_catalog(layout: Layout) -> None:
+    """Rebuild the work directory's DuckDB views for the PUB11 stages (storage/catalog.py)."""
+    refresh_catalog(layout, STAGE_ORDER, RS5M_COLUMNS)
+
+
 def check_config(config: PipelineConfig, stages: Collection[str] | None = None) -> None:
     """Raises ConfigError, before any work, when a selected stage's config names something missing or unfit: an
     unknown model, a checkpoint or hub weights that cannot be had, the GPU, prompts, a detector trained for
     another model, an eval folder. Computing each stage's fingerprint resolves all of these (hub weights are
     downloaded here), so a bad value fails now and not after hours of downloading."""
-    selected = [info for info in PUB11_STAGES if stages is None or info.name in stages]
-    checks = [(info.name, info.stage) for info in selected if info.stage is not None]
+    checks = [
+        info.stage
+        for info in PUB11_STAGES
+        if info.stage is not None and (stages is None or info.name in stages)
+    ]
     try:
-        if any("clip" in stage.sections for _, stage in checks):
+        if any("clip" in stage.sections for stage in checks):
             ensure_loadable(embed.clip_spec(config.clip))
     except (OSError, ValueError, RuntimeError) as error:
         raise ConfigError(f"clip: {error}") from None
-    for name, stage in checks:
+    for stage in checks:
         try:
             stage.fingerprint(config)
         except (OSError, ValueError, RuntimeError) as error:
-            raise ConfigError(f"stage {name} ({', '.join(stage.sections)}): {error}") from None
+            raise ConfigError(f"stage {stage.name} ({', '.join(stage.sections)}): {error}") from None
