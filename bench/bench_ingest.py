@@ -3,10 +3,11 @@
 Builds a source of --rows real captions by repeating the CC3M validation TSV from ../shared/data/web_captions
 (relative to the repository root). Every repeated row gets a unique URL (`?r=<i>` or `&r=<i>` appended), so
 the rows are distinct and duplicate-row detection does not dominate. The source is written to a temporary
-directory as a headerless TSV (caption<TAB>url) and as Parquet; then each repetition times, in alternating
-order:
+directory as a headerless TSV (caption<TAB>url), as a CSV with a header and quoted values (pyarrow's
+writer), and as Parquet; then each repetition times, in alternating order:
   tsv  bare:   pacsv.read_csv with the parse options ingest uses,
   tsv  ingest: SourceIngester(source, IngestConfig(shard_rows)).shards(), fully consumed,
+  csv  bare / ingest: the same for the CSV,
   pq   bare:   pq.read_table,
   pq   ingest: the same for the Parquet source,
   pq   stage:  ingest_source_shards (checksum, shards, Parquet data and ledger writes, marker), fresh work dir,
@@ -112,12 +113,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_ingest_") as temp:
         temp_dir = Path(temp)
         tsv_path, parquet_path = temp_dir / "source.tsv", temp_dir / "source.parquet"
+        csv_path = temp_dir / "source.csv"
         write_tsv(tsv_path, source_table)
+        pacsv.write_csv(source_table.select(["url", "caption"]), csv_path)
         pq.write_table(source_table, parquet_path, compression="zstd")
         sources = {
             "tsv": SourceConfig(
                 name="bench_tsv", path=str(tsv_path), format="tsv", header=False, column_names=COLUMNS
             ),
+            "csv": SourceConfig(name="bench_csv", path=str(csv_path), format="csv"),
             "pq": SourceConfig(name="bench_pq", path=str(parquet_path), format="parquet"),
         }
         print(
@@ -129,6 +133,8 @@ def main() -> None:
         cases: dict[str, Callable[[int], object]] = {
             "tsv bare pacsv.read_csv": lambda _: read_cc3m(tsv_path),
             "tsv SourceIngester.shards": lambda _: consume(SourceIngester(sources["tsv"], config)),
+            "csv bare pacsv.read_csv": lambda _: pacsv.read_csv(csv_path),
+            "csv SourceIngester.shards": lambda _: consume(SourceIngester(sources["csv"], config)),
             "pq  bare pq.read_table": lambda _: pq.read_table(parquet_path),
             "pq  SourceIngester.shards": lambda _: consume(SourceIngester(sources["pq"], config)),
             "pq  ingest_source_shards": lambda repeat: ingest_source_shards(
@@ -165,6 +171,7 @@ def main() -> None:
         print(
             f"keyword: {len(shards)} shards, {kept:,} of {args.rows:,} rows kept\n"
             f"ingest/bare read: tsv {median['tsv SourceIngester.shards'] / median['tsv bare pacsv.read_csv']:.1f}x, "
+            f"csv {median['csv SourceIngester.shards'] / median['csv bare pacsv.read_csv']:.1f}x, "
             f"parquet {median['pq  SourceIngester.shards'] / median['pq  bare pq.read_table']:.1f}x; "
             f"ingest_source_shards/SourceIngester (parquet): "
             f"{median['pq  ingest_source_shards'] / median['pq  SourceIngester.shards']:.2f}x"

@@ -8,7 +8,10 @@ have finished and committed; the rerun then redoes just the missing shards.
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any
+from uuid import UUID
 
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -16,12 +19,14 @@ from prefect.runtime import flow_run
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.run_control import ActiveRun, entered_stage, stoppable
 from rs5m.config import PipelineConfig
 from rs5m.report import FunnelReport, funnel_markdown, funnel_table_rows, load_funnel
 from storage.catalog import COMPLETE, stage_states
 from storage.layout import Layout
-from storage.markers import invalidate_manifest, read_manifest
-from storage.runs import write_run_record
+from storage.lock import workdir_lock
+from storage.markers import read_manifest
+from storage.runs import COMPLETED, FAILED, RUNNING, close_abandoned_runs, write_run_record
 from tasks import decontaminate, dedup, download, embed, ingest, keyword, shard, validate
 from tasks.filter import FILTER, filter_task
 from tasks.harness import (
@@ -30,7 +35,9 @@ from tasks.harness import (
     ShardStage,
     ShardSummary,
     StageInputError,
+    begin_stage,
     complete_stage,
+    fail_stage,
     now,
 )
 from tasks.pipeline import STAGE_ORDER, check_config, refresh_pub11_catalog
@@ -44,10 +51,17 @@ def _run_id(run_id: str | None) -> str:
     return run_id or str(flow_run.get_id() or "local")
 
 
-def _begin_stage(layout: Layout, stage: str) -> None:
-    """The stage is about to rewrite its files: drop its manifest and rebuild the catalog, so that readers
+def _begin_stage(layout: Layout, stage: str, run_id: str) -> None:
+    """The stage is about to rewrite its files: mark it running and rebuild the catalog, so that readers
     (and a killed run's work directory) show it and every later stage as not complete until it ends."""
-    invalidate_manifest(layout, stage)
+    stage_run_id = flow_run.get_id()
+    entered_stage(stage, UUID(str(stage_run_id)) if stage_run_id else None)
+    begin_stage(layout, stage, run_id)
+    refresh_pub11_catalog(layout)
+
+
+def _fail_stage(layout: Layout, stage: str, run_id: str, error: BaseException) -> None:
+    fail_stage(layout, stage, run_id, str(error))
     refresh_pub11_catalog(layout)
 
 
@@ -78,14 +92,26 @@ def _stage_result(stage: str, summaries: list[ShardSummary], failed: dict[str, s
 def ingest_flow(config: PipelineConfig, run_id: str | None = None) -> dict[str, Any]:
     """Read every source into ingest shards; a source that cannot be read fails alone."""
     layout, run_id = Layout(config.workdir), _run_id(run_id)
-    _begin_stage(layout, "ingest")
-    futures = ingest.ingest_task.map(
-        workdir=unmapped(str(layout.root)),
-        source=config.sources,
-        config=unmapped(config.ingest),
-        run_id=unmapped(run_id),
-    )
-    summaries, failed = _collect([s.name for s in config.sources], futures)
+    with workdir_lock(layout, run_id):
+        _begin_stage(layout, "ingest", run_id)
+        futures = ingest.ingest_task.map(
+            workdir=unmapped(str(layout.root)),
+            source=config.sources,
+            config=unmapped(config.ingest),
+            runner=unmapped(config.runner),
+            run_id=unmapped(run_id),
+        )
+        summaries, failed = _collect([s.name for s in config.sources], futures)
+        return _complete_ingest(layout, config, run_id, summaries, failed)
+
+
+def _complete_ingest(
+    layout: Layout,
+    config: PipelineConfig,
+    run_id: str,
+    summaries: list[ShardSummary],
+    failed: dict[str, str],
+) -> dict[str, Any]:
     complete_stage(
         layout,
         stage="ingest",
@@ -115,32 +141,34 @@ def _run_shard_stage(
     stage: ShardStage, task: Any, config: PipelineConfig, run_id: str | None
 ) -> dict[str, Any]:
     layout, run_id = Layout(config.workdir), _run_id(run_id)
-    _require_upstream(layout, stage)
-    shard_ids = list(read_manifest(layout, stage.upstream).shards)
-    _begin_stage(layout, stage.name)
-    futures = task.map(
-        workdir=unmapped(str(layout.root)),
-        shard_id=shard_ids,
-        config=unmapped(config),
-        run_id=unmapped(run_id),
-    )
-    summaries, failed = _collect(shard_ids, futures)
-    if failed:
-        refresh_pub11_catalog(layout)
-        raise StageFailed(
-            f"stage {stage.name!r}: {len(failed)} of {len(shard_ids)} shards failed "
-            f"({', '.join(sorted(failed)[:5])}...); the others are committed, rerun to resume: "
-            + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())[:3])
+    with workdir_lock(layout, run_id):
+        _require_upstream(layout, stage)
+        shard_ids = list(read_manifest(layout, stage.upstream).shards)
+        _begin_stage(layout, stage.name, run_id)
+        futures = task.map(
+            workdir=unmapped(str(layout.root)),
+            shard_id=shard_ids,
+            config=unmapped(config),
+            run_id=unmapped(run_id),
         )
-    complete_stage(
-        layout,
-        stage=stage.name,
-        upstream=stage.upstream,
-        unit_fingerprints=dict.fromkeys(shard_ids, stage.fingerprint(config)),
-        run_id=run_id,
-    )
-    refresh_pub11_catalog(layout)
-    return _stage_result(stage.name, summaries, failed)
+        summaries, failed = _collect(shard_ids, futures)
+        if failed:
+            error = StageFailed(
+                f"stage {stage.name!r}: {len(failed)} of {len(shard_ids)} shards failed "
+                f"({', '.join(sorted(failed)[:5])}...); the others are committed, rerun to resume: "
+                + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())[:3])
+            )
+            _fail_stage(layout, stage.name, run_id, error)
+            raise error
+        complete_stage(
+            layout,
+            stage=stage.name,
+            upstream=stage.upstream,
+            unit_fingerprints=dict.fromkeys(shard_ids, stage.fingerprint(config)),
+            run_id=run_id,
+        )
+        refresh_pub11_catalog(layout)
+        return _stage_result(stage.name, summaries, failed)
 
 
 def _run_global_stage(
@@ -148,18 +176,23 @@ def _run_global_stage(
 ) -> dict[str, Any]:
     """One task over all shards (the stage needs them together); a new or changed shard reruns it whole."""
     layout, run_id = Layout(config.workdir), _run_id(run_id)
-    _require_upstream(layout, stage)
-    _begin_stage(layout, stage.name)
-    summary = task(workdir=str(layout.root), config=config, run_id=run_id)
-    complete_stage(
-        layout,
-        stage=stage.name,
-        upstream=stage.upstream,
-        unit_fingerprints={GLOBAL_UNIT: stage.fingerprint(config)},
-        run_id=run_id,
-    )
-    refresh_pub11_catalog(layout)
-    return _stage_result(stage.name, [summary], {})
+    with workdir_lock(layout, run_id):
+        _require_upstream(layout, stage)
+        _begin_stage(layout, stage.name, run_id)
+        try:
+            summary = task(workdir=str(layout.root), config=config, run_id=run_id)
+        except Exception as error:
+            _fail_stage(layout, stage.name, run_id, error)
+            raise
+        complete_stage(
+            layout,
+            stage=stage.name,
+            upstream=stage.upstream,
+            unit_fingerprints={GLOBAL_UNIT: stage.fingerprint(config)},
+            run_id=run_id,
+        )
+        refresh_pub11_catalog(layout)
+        return _stage_result(stage.name, [summary], {})
 
 
 @flow(name="keyword", log_prints=True)
@@ -244,33 +277,50 @@ def publish_funnel(report: FunnelReport, workdir: str) -> None:
 
 
 @flow(name="pub11", log_prints=True)
-def pub11_flow(config: PipelineConfig, stages: list[str] | None = None):
+def pub11_flow(config: PipelineConfig, stages: list[str] | None = None, wait_for_lock: bool = False):
     """The PUB11 pipeline: ingest -> keyword -> download -> validate -> embed -> filter -> dedup ->
-    decontaminate -> shard (or the listed stages, in order)."""
+    decontaminate -> shard (or the listed stages, in order). One writer per work directory: a second run
+    fails at once naming the first (or, with wait_for_lock, waits for it)."""
     check_config(config, stages)  # deployments and API-triggered runs fail here too, before any work
     layout, run_id = Layout(config.workdir), _run_id(None)
     selected = [s for s in STAGE_ORDER if stages is None or s in stages]
-    record: dict[str, Any] = {
-        "started_at": now(),
-        "stages": selected,
-        "config": config.model_dump(mode="json"),
-    }
-    write_run_record(layout, run_id, {**record, "status": "running"})
-    results = []
-    try:
-        for stage in selected:
-            results.append(_with_runner(stage, config)(config=config, run_id=run_id))
-    except Exception as error:
+    with workdir_lock(layout, run_id, wait=wait_for_lock, on_wait=print):
+        close_abandoned_runs(layout, run_id)
+        record: dict[str, Any] = {
+            "started_at": now(),
+            "stages": selected,
+            "config": config.model_dump(mode="json"),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+        write_run_record(layout, run_id, {**record, "status": RUNNING})
+        results = []
+        parent = [UUID(run_id)] if flow_run.get_id() else []
+        with stoppable(ActiveRun(layout, run_id, record, parent)):
+            try:
+                for stage in selected:
+                    results.append(_with_runner(stage, config)(config=config, run_id=run_id))
+            except Exception as error:
+                write_run_record(
+                    layout,
+                    run_id,
+                    {
+                        **record,
+                        "status": FAILED,
+                        "error": str(error),
+                        "results": results,
+                        "finished_at": now(),
+                    },
+                )
+                raise
+        report = load_funnel(layout)
+        publish_funnel(report, str(layout.root))
+        print(funnel_markdown(report, str(layout.root)))
+        failed_sources = report.failed_sources
+        status = FAILED if failed_sources else COMPLETED
         write_run_record(
-            layout, run_id, {**record, "status": "failed", "error": str(error), "results": results}
+            layout, run_id, {**record, "status": status, "finished_at": now(), "results": results}
         )
-        raise
-    report = load_funnel(layout)
-    publish_funnel(report, str(layout.root))
-    print(funnel_markdown(report, str(layout.root)))
-    failed_sources = report.failed_sources
-    status = "failed" if failed_sources else "completed"
-    write_run_record(layout, run_id, {**record, "status": status, "finished_at": now(), "results": results})
     if failed_sources:
         return Failed(
             message="sources failed and were skipped (the others completed): "

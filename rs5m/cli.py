@@ -25,12 +25,23 @@ def _stage_list(text: str) -> list[str]:
     return stages
 
 
-def run_pipeline(config: PipelineConfig, stages: list[str] | None) -> int:
+# Exit statuses: 0 done, 1 the run failed (work so far kept), 2 bad input (config, paths), 3 the work
+# directory is being written by another run; 128 + N when stopped by signal N (130 Ctrl-C, 143 SIGTERM).
+EXIT_BUSY = 3
+
+
+def run_pipeline(config: PipelineConfig, stages: list[str] | None, wait: bool = False) -> int:
+    import os
+
     from flows.pub11 import pub11_flow
+    from storage.layout import Layout
+    from storage.lock import workdir_lock
     from tasks.pipeline import check_config
 
     check_config(config, stages)  # a bad model, detector or eval folder fails here, before any stage runs
-    state = pub11_flow(config=config, stages=stages, return_state=True)
+    # taken here too (the flow takes it again), so a busy work directory is one line and no Prefect run
+    with workdir_lock(Layout(config.workdir), f"starting (rs5m pid {os.getpid()})", wait=wait, on_wait=_say):
+        state = pub11_flow(config=config, stages=stages, wait_for_lock=wait, return_state=True)
     if state.is_completed():
         return 0
     print(f"\nrun {state.name.lower()}: {state.message}", file=sys.stderr)
@@ -38,11 +49,49 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None) -> int:
     return 1
 
 
+def _say(message: str) -> None:
+    print(f"rs5m: {message}", file=sys.stderr, flush=True)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.workdir:
         config = config.model_copy(update={"workdir": Path(args.workdir).resolve()})
-    return run_pipeline(config, args.stages)
+    return run_pipeline(config, args.stages, wait=args.wait)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from storage.layout import Layout
+    from storage.lock import workdir_lock
+    from storage.prune import apply_prune, plan_prune
+
+    layout = Layout(Path(args.workdir))
+    if not layout.root.is_dir():
+        print(f"rs5m prune: no work directory at {layout.root}", file=sys.stderr)
+        return 2
+    with workdir_lock(layout, "prune", wait=False):
+        plan = plan_prune(layout)
+        for group, (entries, size) in sorted(plan.by_group.items()):
+            print(f"  {group}: {entries} entries, {_human(size)}")
+        for stage in plan.skipped_stages:
+            print(f"  {stage}: left alone (not complete: its files may be what a rerun resumes from)")
+        if not plan.paths:
+            print(f"nothing to prune in {layout.root}")
+            return 0
+        if not args.yes:
+            print(f"would delete {len(plan.paths)} entries, {_human(plan.bytes)}; rerun with --yes to delete")
+            return 0
+        apply_prune(plan)
+        print(f"deleted {len(plan.paths)} entries, {_human(plan.bytes)}")
+    return 0
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -101,7 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--stages", type=_stage_list, help="comma-separated stages to run, e.g. keyword,download"
     )
     run.add_argument("--workdir", help="override the config's workdir")
+    run.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another run is writing the work directory, wait for it (default: fail at once, exit 3)",
+    )
     run.set_defaults(handler=cmd_run)
+
+    prune = commands.add_parser(
+        "prune",
+        help="delete files no current manifest names (sources left out, stale shards, old releases)",
+    )
+    prune.add_argument("workdir")
+    prune.add_argument("--yes", action="store_true", help="delete (default: only print what would go)")
+    prune.set_defaults(handler=cmd_prune)
 
     report = commands.add_parser("report", help="print the funnel of a work directory")
     report.add_argument("workdir")
@@ -122,12 +184,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from storage.atomic import DiskFullError
+    from storage.lock import WorkdirBusyError
+
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     except ConfigError as error:
         print(f"rs5m: {error}", file=sys.stderr)
         return 2
+    except WorkdirBusyError as error:
+        print(f"rs5m: {error}", file=sys.stderr)
+        return EXIT_BUSY
+    except DiskFullError as error:
+        print(f"rs5m: {error.strerror}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # before the run's own handling is in place (flows/run_control.py)
+        print("rs5m: interrupted; nothing was left half-written, rerun to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ changing one reruns that stage and marks every later stage stale.
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -46,6 +47,28 @@ class SourceConfig(Strict):
     )
     url_column: str = "url"
     caption_column: str = "caption"
+    encoding: str = Field(
+        "utf-8",
+        description="csv/tsv/jsonl: the files' text encoding, a Python codec name (latin-1, cp1252, utf-16, "
+        "...); other than UTF-8 is transcoded to UTF-8 while reading. A line that does not decode is a "
+        "malformed_row.",
+    )
+    multiline_values: bool = Field(
+        False,
+        description="csv only: allow line breaks inside quoted values. Off: one physical line is one row, and "
+        "a line whose quoting is broken is a malformed_row.",
+    )
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_text_codec(cls, encoding: str) -> str:
+        try:
+            info = codecs.lookup(encoding)
+        except LookupError:
+            raise ValueError(f"unknown encoding {encoding!r}: not a codec Python knows") from None
+        if not info._is_text_encoding:  # base64, rot13, zlib, ...: bytes-to-bytes, not a text encoding
+            raise ValueError(f"{encoding!r} is not a text encoding")
+        return encoding
 
     @model_validator(mode="after")
     def _headerless_needs_names(self) -> SourceConfig:
@@ -53,12 +76,26 @@ class SourceConfig(Strict):
             raise ValueError("a csv/tsv source without header needs column_names")
         if self.format in ("parquet", "jsonl") and not self.header:
             raise ValueError("header: false applies to csv/tsv only")
+        if self.format == "parquet" and codecs.lookup(self.encoding).name != "utf-8":
+            raise ValueError("encoding applies to csv/tsv/jsonl only (Parquet strings are UTF-8)")
+        if self.multiline_values and self.format != "csv":
+            raise ValueError("multiline_values applies to csv only")
         return self
 
 
 class IngestConfig(Strict):
     shard_rows: int = Field(
         10_000, ge=1, description="Rows per ingest shard; later stages keep the sharding."
+    )
+    max_caption_chars: int = Field(
+        4096, ge=1, description="A longer caption (in characters) is dropped as caption_too_long."
+    )
+    max_line_bytes: int = Field(
+        1 << 20,
+        ge=1,
+        le=1 << 30,
+        description="csv/tsv/jsonl: a longer physical line (in bytes, after transcoding to UTF-8) is a "
+        "malformed_row and is skipped without being held in memory; reading goes on at the next line.",
     )
 
 
@@ -72,8 +109,27 @@ class KeywordConfig(Strict):
 class DownloadConfig(Strict):
     processes: int = Field(2, ge=1, description="img2dataset processes_count.", json_schema_extra=_SPEED_ONLY)
     threads: int = Field(16, ge=1, description="img2dataset thread_count.", json_schema_extra=_SPEED_ONLY)
-    timeout_s: float = Field(10.0, gt=0, description="Per-request timeout.")
-    retries: int = Field(0, ge=0, description="img2dataset's own retries per URL.")
+    timeout_s: float = Field(
+        10.0, gt=0, description="Longest wait for any one network operation (connect, each read)."
+    )
+    retries: int = Field(
+        0,
+        ge=0,
+        description="More attempts per URL after a transient failure (408, 425, 429, 500, 502-504, timeout, "
+        "reset, cut-short body); other 4xx, refused redirects and X-Robots-Tag opt-outs are never retried.",
+    )
+    max_seconds_per_url: float | None = Field(
+        None,
+        gt=0,
+        description="Hard limit on one URL's total time: every attempt (connect, headers, whole body) and "
+        "the waits between them; a body that trickles in ends as timeout. null: 3 x timeout_s x (retries + 1).",
+    )
+    max_retry_after_s: float | None = Field(
+        None,
+        ge=0,
+        description="Longest Retry-After (429, 503, ...) waited for before a retry; a longer one ends the URL "
+        "without retrying. null: timeout_s.",
+    )
     user_agent_token: str | None = None
     allow_private_networks: bool = Field(
         False, description="Allow loopback, private and link-local hosts (tests and demo only)."
@@ -180,6 +236,19 @@ class RunnerConfig(Strict):
     shard_concurrency: int = Field(2, ge=1, description="Shards processed at once by CPU stages.")
     download_concurrency: int = Field(
         1, ge=1, description="Download shards at once (each already uses processes x threads)."
+    )
+    verify: Literal["checksum", "size"] = Field(
+        "checksum",
+        description="Before skipping a done shard, check its files against the sha256 (checksum) or only "
+        "the size (size: faster on huge work directories, misses damage that keeps the size).",
+        json_schema_extra=_SPEED_ONLY,
+    )
+    stall_timeout_s: float | None = Field(
+        1800.0,
+        gt=0,
+        description="A shard that makes no progress for this long fails (with where it was) instead of "
+        "hanging the run; null: never.",
+        json_schema_extra=_SPEED_ONLY,
     )
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from storage.catalog import COMPLETE, catalog_root, open_catalog
+from storage.catalog import COMPLETE, catalog_root, open_catalog, stage_states
 from storage.layout import Layout
 from storage.markers import read_manifest
-from storage.runs import read_run_record
-from tasks.pipeline import PUB11_STAGES, StageInfo, refresh_pub11_catalog
+from storage.runs import effective_status, read_run_records
+from tasks.pipeline import PUB11_STAGES, STAGE_ORDER, StageInfo, refresh_pub11_catalog
 
 SourceCounts = dict[str, Any]  # {"in": n, "kept": n, "dropped": {reason: n}}
 
@@ -45,10 +45,18 @@ class FunnelReport:
         default_factory=dict
     )  # eval set -> training samples dropped as copies
     random_weights: bool = False
+    last_run: dict[str, Any] | None = (
+        None  # run_id, status (as it is now: a killed run is interrupted), error
+    )
 
     @property
     def complete(self) -> list[StageFunnel]:
         return [s for s in self.stages if s.status == COMPLETE]
+
+    @property
+    def released(self) -> bool:
+        """Whether every stage is complete: only then are the survivors what remains in the dataset."""
+        return len(self.complete) == len(self.stages)
 
     @property
     def sources(self) -> list[str]:
@@ -56,7 +64,7 @@ class FunnelReport:
         return sorted(names)
 
     def remain(self, source: str) -> int:
-        return self.complete[-1].sources.get(source, {}).get("kept", 0) if self.complete else 0
+        return self.stages[-1].sources.get(source, {}).get("kept", 0) if self.released else 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -68,7 +76,8 @@ class FunnelReport:
             "incomplete": [
                 {"stage": s.info.name, "status": s.status} for s in self.stages if s.status != COMPLETE
             ],
-            "remain": {name: self.remain(name) for name in self.sources},
+            "remain": {name: self.remain(name) for name in self.sources} if self.released else {},
+            "last_run": self.last_run,
             "failed_sources": self.failed_sources,
             "eval_overlap": self.eval_overlap,
             "notes": [RANDOM_WEIGHTS_NOTE] if self.random_weights else [],
@@ -79,9 +88,9 @@ def load_funnel(layout: Layout) -> FunnelReport:
     if catalog_root(layout) != layout.root:
         # a moved or copied work directory: its views still name the files at the old place
         refresh_pub11_catalog(layout)
+    status = {state.stage: state.status for state in stage_states(layout, STAGE_ORDER)}
     con = open_catalog(layout)
     try:
-        status = dict(con.sql("SELECT stage, status FROM stages").fetchall())
         rows = con.sql("SELECT stage, source, fate, reason, n FROM funnel").fetchall()
         # decontaminate's detail starts "eval set <name>: ..." (tasks/decontaminate.py)
         overlap = dict(
@@ -106,21 +115,31 @@ def load_funnel(layout: Layout) -> FunnelReport:
     ]
     complete = [s for s in stages if s.status == COMPLETE]
     manifest = read_manifest(layout, complete[-1].info.name) if complete else None
+    records = read_run_records(layout)
+    last_run = None
+    if records:
+        newest = records[-1]
+        last_run = {
+            "run_id": newest["run_id"],
+            "status": effective_status(layout, newest),
+            "error": newest.get("error"),
+            "stage": newest.get("stage"),
+        }
     return FunnelReport(
         str(layout.root),
         stages,
         manifest.failed_sources if manifest else {},
         eval_overlap=overlap,
-        random_weights=_uses_random_weights(layout, stages),
+        random_weights=_uses_random_weights(records, stages),
+        last_run=last_run,
     )
 
 
-def _uses_random_weights(layout: Layout, stages: list[StageFunnel]) -> bool:
+def _uses_random_weights(records: list[dict[str, Any]], stages: list[StageFunnel]) -> bool:
     """Whether the newest run that embedded anything used an unpretrained CLIP."""
     if not any(s.info.name == "embed" and s.status == COMPLETE for s in stages):
         return False
-    records = [read_run_record(layout, path.stem) for path in (layout.root / "runs").glob("*.json")]
-    embedded = [r for r in records if r and "embed" in r.get("stages", [])]
+    embedded = [r for r in records if "embed" in r.get("stages", [])]
     if not embedded:
         return False
     newest = max(embedded, key=lambda r: r.get("started_at", ""))
@@ -128,17 +147,13 @@ def _uses_random_weights(layout: Layout, stages: list[StageFunnel]) -> bool:
 
 
 def _matrix(report: FunnelReport) -> tuple[list[str], list[list[str]]]:
-    """Sources by stages, each cell the number RS5M's table reports for that stage; a final `remain` column
-    unless the last complete stage is the one that reports it."""
-    with_remain = report.complete[-1].info.rs5m_column != "remain"
+    """Sources by complete stages, each cell the number RS5M's table reports for that stage (the last
+    stage's column is RS5M's `remain`)."""
     header = ["source", *(f"{s.info.rs5m_column} ({s.info.name})" for s in report.complete)]
-    header += ["remain"] if with_remain else []
     rows = []
     for name in [*report.sources, "total"]:
         names = report.sources if name == "total" else [name]
-        row = [name, *(str(sum(stage.measure(n) for n in names)) for stage in report.complete)]
-        row += [str(sum(report.remain(n) for n in names))] if with_remain else []
-        rows.append(row)
+        rows.append([name, *(str(sum(stage.measure(n) for n in names)) for stage in report.complete)])
     return header, rows
 
 
@@ -174,6 +189,13 @@ def funnel_text(report: FunnelReport) -> str:
     for stage in report.stages:
         if stage.status != COMPLETE:
             lines.append(f"  {stage.info.name}: {stage.status.replace('_', ' ')}")
+    if report.complete and not report.released:
+        lines.append("  (incomplete: nothing is released until every stage is complete)")
+    if report.last_run and report.last_run["status"] != "completed":
+        run = report.last_run
+        lines.append(
+            f"  last run {run['run_id']}: {run['status']}" + (f" ({run['error']})" if run["error"] else "")
+        )
     for name, error in sorted(report.failed_sources.items()):
         lines.append(f"  FAILED source {name}: {error}")
     if report.eval_overlap:

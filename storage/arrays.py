@@ -4,6 +4,7 @@ data row i (embeddings, float16). NumPy's format: memory-mappable, and readable 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import numpy as np
 
@@ -17,14 +18,19 @@ class ArrayMismatchError(RuntimeError):
 
 def write_arrays(
     layout: Layout, stage: str, shard_id: str, arrays: Mapping[str, np.ndarray], rows: int
-) -> None:
+) -> list[Path]:
+    """Write each array atomically; returns the files written."""
+    written = []
     for name, array in arrays.items():
         if array.shape[0] != rows:
             raise ArrayMismatchError(
                 f"{stage}/{shard_id}: array {name!r} has {array.shape[0]} rows, shard {rows}"
             )
-        with atomic_path(layout.array(stage, shard_id, name)) as tmp, open(tmp, "wb") as handle:
+        path = layout.array(stage, shard_id, name)
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
             np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
+        written.append(path)
+    return written
 
 
 def read_arrays(

@@ -4,7 +4,8 @@ Views (rebuilt after every stage, and by `rs5m report` when the work directory w
 views name absolute paths; readers open the file read-only and briefly, so `rs5m report` works while a run
 is going):
   catalog_info  root: the work directory the views were built for
-  stages   stage, position, rs5m_column, status (complete | stale | running | not_run)
+  stages   stage, position, rs5m_column, status (complete | stale | running | failed | interrupted |
+           not_run), as it was when the catalog was built (`stage_states` gives it as it is now)
   ledger   every fate of every complete, current stage
   funnel   stage, position, source, fate, reason, n
   samples  the survivors of the furthest complete, current stage
@@ -13,6 +14,7 @@ is going):
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,9 +24,17 @@ import duckdb
 
 from storage.atomic import atomic_path
 from storage.layout import Layout
+from storage.lock import is_held
 from storage.markers import Manifest, manifest_identity, read_manifest
 
-COMPLETE, STALE, RUNNING, NOT_RUN = "complete", "stale", "running", "not_run"
+COMPLETE, STALE, RUNNING, FAILED, INTERRUPTED, NOT_RUN = (
+    "complete",
+    "stale",
+    "running",
+    "failed",
+    "interrupted",
+    "not_run",
+)
 
 
 @dataclass(frozen=True)
@@ -36,14 +46,23 @@ class StageState:
 
 def stage_states(layout: Layout, stage_order: Sequence[str]) -> list[StageState]:
     """Each stage's status, derived from the manifests: a stage is current only if it was built on the
-    upstream manifest that exists now, and every stage before it is current."""
+    upstream manifest that exists now, and every stage before it is current. A stage without a manifest
+    that has started is running while a writer holds the work directory, failed if its run said so, and
+    interrupted otherwise (its run was killed)."""
     states: list[StageState] = []
     upstream_current, upstream_identity_now = True, None
+    writer_active: bool | None = None
     for stage in stage_order:
         manifest = read_manifest(layout, stage)
         if manifest is None:
-            has_markers = any((layout.stage_dir(stage) / "markers").glob("*.json"))
-            status = RUNNING if has_markers and upstream_current else NOT_RUN
+            started = _started_record(layout, stage)
+            if started is None:
+                status = NOT_RUN
+            elif started.get("failed"):
+                status = FAILED
+            else:
+                writer_active = is_held(layout) if writer_active is None else writer_active
+                status = RUNNING if writer_active else INTERRUPTED
         elif upstream_current and manifest.upstream_identity == upstream_identity_now:
             status = COMPLETE
         else:
@@ -52,6 +71,15 @@ def stage_states(layout: Layout, stage_order: Sequence[str]) -> list[StageState]
         upstream_current = status == COMPLETE
         upstream_identity_now = manifest_identity(layout, stage)
     return states
+
+
+def _started_record(layout: Layout, stage: str) -> dict | None:
+    try:
+        return json.loads(layout.started(stage).read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}  # half-readable: it started
 
 
 def _sql_string(value: object) -> str:

@@ -1,6 +1,7 @@
 """The released dataset: Parquet shards per split, a manifest, and an optional WebDataset copy.
 
-WORKDIR/dataset/
+WORKDIR/dataset -> releases/<release id>   the current release (a relative symlink)
+WORKDIR/releases/<release id>/
   manifest.json                         every file below with split, rows, bytes, sha256; totals; schema
   <split>/part-00000.parquet ...        DATASET_SCHEMA rows, in the order the plan gives them
   webdataset/<split>/shard-00000.tar    (optional) the same samples as part-00000.parquet, same order
@@ -9,16 +10,22 @@ A part holds at most `rows_per_shard` rows and at most `bytes_per_shard` bytes o
 would pass the byte budget starts the next part, and an image larger than the whole budget gets a part of its
 own. (The Parquet file adds the other columns, about 200 bytes a row, and its footer.)
 
-Commit protocol: the manifest is removed first, every file is written atomically, the manifest is written
-last, and then every file the manifest does not name (parts of an earlier, larger run; temporaries of a
-killed one) is deleted. So the folder holds either no manifest (not complete) or exactly the manifest's
-files. Same rows in, byte-identical files out: no timestamps, fixed row-group sizes, fixed tar headers.
+Commit protocol: a release is replaced as a whole. The new one is built in `releases/.building-<id>/`
+beside the current one, its manifest written last; the folder is then renamed to `releases/<release id>`
+(the id is a hash of the manifest: the same rows give the same id) and the `dataset` symlink is swapped to
+it in one rename. A reader of `WORKDIR/dataset/...` sees the old release or the new one, never a mix, and
+the old release stays in place until the new one is complete; it is deleted after the swap. A build killed
+half-way leaves a `.building-*` folder, which the next build (or `rs5m prune`) removes. Same rows in,
+byte-identical files out: no timestamps, fixed row-group sizes, fixed tar headers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
+import shutil
 import sys
 import tarfile
 from collections.abc import Iterable, Mapping
@@ -32,9 +39,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage.atomic import atomic_path, write_json
+from storage.atomic import atomic_path, fsync_dir, sha256_file, write_json
 from storage.layout import Layout
-from storage.markers import sha256_file
 
 SPLITS = ("train", "val")
 FORMAT_VERSION = 1
@@ -130,7 +136,8 @@ class DatasetManifest:
 
 
 def dataset_dir(layout: Layout) -> Path:
-    return layout.root / "dataset"
+    """The current release, as readers open it (a symlink into releases/)."""
+    return layout.dataset
 
 
 def manifest_path(layout: Layout) -> Path:
@@ -144,16 +151,29 @@ def read_dataset_manifest(layout: Layout) -> DatasetManifest | None:
         return None
 
 
+def current_release(layout: Layout) -> str | None:
+    """The id of the release `dataset` points at (None: no release yet)."""
+    try:
+        target = os.readlink(layout.dataset)
+    except (FileNotFoundError, OSError):
+        return None
+    return Path(target).name
+
+
 def image_extension(image_format: str | None) -> str:
     """The WebDataset key of the image: a known format's usual extension, else the lowercased name."""
     return IMAGE_EXTENSIONS.get(image_format or "", (image_format or "bin").lower())
 
 
 def write_dataset(layout: Layout, plan: DatasetPlan) -> DatasetManifest:
-    root = dataset_dir(layout)
-    manifest_path(layout).unlink(missing_ok=True)  # from here until the end the dataset is incomplete
+    """Build a release beside the current one and make it current (module doc). The caller holds the work
+    directory's lock: nobody else builds at the same time."""
+    for leftover in layout.releases.glob(".building-*"):  # of a killed build
+        shutil.rmtree(leftover)
+    building = layout.releases / f".building-{os.getpid()}"
+    building.mkdir(parents=True)
     writers = {
-        split: _SplitWriter(root, split, plan.rows_per_shard, plan.bytes_per_shard, plan.webdataset)
+        split: _SplitWriter(building, split, plan.rows_per_shard, plan.bytes_per_shard, plan.webdataset)
         for split in SPLITS
     }
     try:
@@ -170,6 +190,7 @@ def write_dataset(layout: Layout, plan: DatasetPlan) -> DatasetManifest:
     except BaseException:
         for writer in writers.values():
             writer.abort()
+        shutil.rmtree(building, ignore_errors=True)
         raise
     files = [f for split in SPLITS for f in writers[split].files]
     manifest = DatasetManifest(
@@ -186,9 +207,50 @@ def write_dataset(layout: Layout, plan: DatasetPlan) -> DatasetManifest:
         },
         description=dict(plan.description),
     )
-    write_json(manifest_path(layout), manifest.to_json())
-    _remove_unlisted(root, {f.path for f in files} | {manifest_path(layout).name})
+    write_json(building / "manifest.json", manifest.to_json())
+    _swap_in(layout, building, release_id(manifest))
     return manifest
+
+
+def release_id(manifest: DatasetManifest) -> str:
+    """A hash of what the release holds: the same rows and sharding give the same id."""
+    return hashlib.sha256(json.dumps(manifest.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def release_intact(root: Path, manifest: DatasetManifest) -> bool:
+    """Every file the manifest names is in `root` with its size and sha256."""
+    for file in manifest.files:
+        path = root / file.path
+        if not path.is_file() or path.stat().st_size != file.bytes or sha256_file(path) != file.sha256:
+            return False
+    return True
+
+
+def _swap_in(layout: Layout, building: Path, release: str) -> None:
+    final = layout.releases / release
+    if final.exists():
+        existing = (
+            json.loads((final / "manifest.json").read_text()) if (final / "manifest.json").exists() else None
+        )
+        if existing is not None and release_intact(final, DatasetManifest.from_json(existing)):
+            shutil.rmtree(building)  # the same release is already there, intact (a rerun)
+        else:  # damaged on disk: the fresh copy replaces it
+            shutil.rmtree(final)
+            building.rename(final)
+    else:
+        building.rename(final)
+    fsync_dir(layout.releases)
+    if layout.dataset.exists() and not layout.dataset.is_symlink():
+        # a release written by an older version, in place: moved aside once, then replaced like any other
+        layout.dataset.rename(layout.releases / "previous-in-place")
+    link = layout.root / f".dataset.tmp-{os.getpid()}"
+    link.unlink(missing_ok=True)
+    link.symlink_to(Path("releases") / release)
+    os.replace(link, layout.dataset)
+    fsync_dir(layout.root)
+    for other in layout.releases.iterdir():
+        if other.name != release and not other.name.startswith(".building-"):
+            shutil.rmtree(other)
 
 
 def _conform(batch: pa.Table) -> pa.Table:
@@ -387,14 +449,3 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     tar.addfile(info, io.BytesIO(data))
-
-
-def _remove_unlisted(root: Path, keep: set[str]) -> None:
-    """Delete every file under root the manifest does not name, then the folders left empty."""
-    for path in sorted(root.rglob("*"), reverse=True):  # children before their folders
-        relative = path.relative_to(root).as_posix()
-        if path.is_dir() and not path.is_symlink():
-            if not any(path.iterdir()):
-                path.rmdir()
-        elif relative not in keep:
-            path.unlink()

@@ -1,12 +1,16 @@
 """Where everything lives under a work directory. Every path the pipeline reads or writes comes from here.
 
 WORKDIR/
+  .rs5m.lock, .rs5m.lock.json        the writer's lock (held by the one run writing here) and who holds it
   catalog.duckdb                     DuckDB views over the Parquet below (no tables)
   runs/<run_id>.json                 one record per run: config, stages, outcome
+  dataset -> releases/<id>           the current release (a symlink, swapped in one rename)
+  releases/<id>/                     complete releases; releases/.building-<run>/ one being written
   <stage>/data/<shard_id>.parquet    the stage's survivors, the next stage's input
   <stage>/ledger/<shard_id>.parquet  one fate per sample that entered the stage
   <stage>/markers/<unit>.json        completion marker of a shard (ingest: of a source)
   <stage>/manifest.json              written once every shard of the stage is done
+  <stage>/started.json               the stage is running (or was, when a run was killed): removed at its end
   <stage>/scratch/<shard_id>/        working space of an unfinished shard (download), wiped on reuse
   cache/eval/<name>-<key>.npz        an eval set's perceptual hashes and embeddings (decontaminate)
   detectors/<name>.json              linear-probe RS detectors trained by `rs5m train-detector`
@@ -40,8 +44,24 @@ class Layout:
     def catalog(self) -> Path:
         return self.root / "catalog.duckdb"
 
+    @property
+    def lock_file(self) -> Path:
+        return self.root / ".rs5m.lock"
+
+    @property
+    def lock_holder(self) -> Path:
+        return self.root / ".rs5m.lock.json"
+
+    def relative(self, path: Path) -> str:
+        """A path under the work directory as recorded in markers: relative, "/"-separated."""
+        return Path(path).relative_to(self.root).as_posix()
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
     def run_record(self, run_id: str) -> Path:
-        return self.root / "runs" / f"{run_id}.json"
+        return self.runs / f"{run_id}.json"
 
     def stage_dir(self, stage: str) -> Path:
         return self.root / stage
@@ -61,48 +81,30 @@ class Layout:
     def manifest(self, stage: str) -> Path:
         return self.stage_dir(stage) / "manifest.json"
 
+    def started(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "started.json"
+
+    def scratch_root(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "scratch"
+
+    @property
+    def dataset(self) -> Path:
+        """The current release: a symlink into releases/ (readers open WORKDIR/dataset/...)."""
+        return self.root / "dataset"
+
+    @property
+    def releases(self) -> Path:
+        return self.root / "releases"
+
     def fresh_scratch(self, stage: str, shard_id: str) -> Path:
         """An empty working folder for one shard; whatever a killed attempt left there is removed first."""
-        path = self.stage_dir(stage) / "scratch" / shard_id
+        path = self.scratch_root(stage) / shard_id
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True)
         return path
 
     def remove_scratch(self, stage: str, shard_id: str) -> None:
-        shutil.rmtree(self.stage_dir(stage) / "scratch" / shard_id, ignore_errors=True)
-
-    def remove_unlisted(
-        self, stage: str, shards: set[str], units: set[str], failed_sources: set[str]
-    ) -> list[Path]:
-        """Deletes the stage's files of shards and units it no longer has (a source that shrank or left the
-        config), so that reading `<stage>/ledger/*.parquet` directly gives one fate per current sample.
-        Files of a source that failed this run stay: when it reads again, its shards resume instead of being
-        downloaded again. Returns what was removed."""
-
-        def stale(name: str, keep: set[str]) -> bool:
-            return (
-                name not in keep and name not in failed_sources and shard_source(name) not in failed_sources
-            )
-
-        stage_dir = self.stage_dir(stage)
-        removed: list[Path] = []
-        for folder, suffix, keep in (
-            ("data", ".parquet", shards),
-            ("ledger", ".parquet", shards),
-            ("arrays", ".npy", shards),
-            ("markers", ".json", units),
-        ):
-            for path in sorted((stage_dir / folder).glob(f"*{suffix}")):
-                name = path.name.removesuffix(suffix)
-                owner = name.rsplit(".", 1)[0] if folder == "arrays" else name  # <shard>.<array>.npy
-                if stale(owner, keep):
-                    path.unlink()
-                    removed.append(path)
-        for path in sorted((stage_dir / "scratch").glob("*")):
-            if stale(path.name, shards):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
-        return removed
+        shutil.rmtree(self.scratch_root(stage) / shard_id, ignore_errors=True)
 
     def detector(self, name: str) -> Path:
         return self.root / "detectors" / f"{name}.json"

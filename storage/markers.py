@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from storage.atomic import write_json
+from storage.atomic import remove_durably, sha256_file, write_json
 from storage.layout import Layout
 
 # Bump a stage's version when its code changes what it outputs: every shard of it reruns.
@@ -31,14 +33,6 @@ STAGE_CODE_VERSIONS = {
     "decontaminate": "1",
     "shard": "1",
 }
-
-
-def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def output_fields(section: BaseModel) -> dict[str, Any]:
@@ -76,8 +70,43 @@ def stage_fingerprint(
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# The one unit of a stage that sees all shards at once (dedup, shard): its marker covers every shard.
+GLOBAL_UNIT = "_all"
+
+# A work-directory file as it was written: path relative to the work directory -> {"sha256", "bytes"}.
+FileDigests = dict[str, dict[str, Any]]
+Verification = Literal["checksum", "size"]
+
+
+def digest_files(layout: Layout, paths: Iterable[Path]) -> FileDigests:
+    """The digests of files just written (read back from the page cache: cheap next to writing them)."""
+    return {
+        layout.relative(path): {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        for path in sorted(paths)
+    }
+
+
+def damaged_file(layout: Layout, files: FileDigests, verify: Verification) -> str | None:
+    """The first file that is missing, has another size, or (verify="checksum") another sha256 than
+    recorded, as a message; None when all are intact."""
+    for relative, digest in sorted(files.items()):
+        path = layout.root / relative
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            return f"{relative} is missing"
+        if size != digest["bytes"]:
+            return f"{relative} has {size} bytes, {digest['bytes']} were written"
+        if verify == "checksum" and sha256_file(path) != digest["sha256"]:
+            return f"{relative} does not match its checksum (damaged on disk)"
+    return None
+
+
 @dataclass(frozen=True)
 class Marker:
+    """A unit (shard, source or whole stage) is done: with this fingerprint, from these inputs, and these
+    exact files (`files`: every data, ledger and array file the unit wrote, with sha256 and size)."""
+
     stage: str
     unit: str
     fingerprint: str
@@ -87,6 +116,7 @@ class Marker:
     run_id: str
     finished_at: str
     extra: dict[str, Any] = field(default_factory=dict)
+    files: FileDigests = field(default_factory=dict)
 
 
 def write_marker(layout: Layout, marker: Marker) -> None:
@@ -99,12 +129,31 @@ def read_marker(layout: Layout, stage: str, unit: str) -> Marker | None:
         return Marker(**json.loads(path.read_text()))
     except FileNotFoundError:
         return None
-    except (json.JSONDecodeError, TypeError):
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError):
         return None  # an unreadable marker means "not done": the shard reruns
+
+
+def remove_marker(layout: Layout, stage: str, unit: str) -> None:
+    """The unit is about to be rewritten: from now until its new marker, it is not done, even across a
+    crash or a power loss (the deletion is synced before any output is touched)."""
+    remove_durably(layout.marker(stage, unit))
 
 
 def marker_is_current(marker: Marker | None, fingerprint: str, inputs: dict[str, str]) -> bool:
     return marker is not None and marker.fingerprint == fingerprint and marker.inputs == inputs
+
+
+def current_marker(
+    layout: Layout, stage: str, unit: str, fingerprint: str, inputs: dict[str, str], verify: Verification
+) -> Marker | None:
+    """The unit's marker if the unit can be skipped: same fingerprint and inputs, and every file it
+    records still on disk as written. A marker without file records (an older version) is not current."""
+    marker = read_marker(layout, stage, unit)
+    if not marker_is_current(marker, fingerprint, inputs) or not marker.files:
+        return None
+    if damaged_file(layout, marker.files, verify) is not None:
+        return None
+    return marker
 
 
 @dataclass(frozen=True)
@@ -146,4 +195,4 @@ def manifest_identity(layout: Layout, stage: str) -> str | None:
 
 def invalidate_manifest(layout: Layout, stage: str) -> None:
     """A stage that starts running is no longer complete until it finishes."""
-    layout.manifest(stage).unlink(missing_ok=True)
+    remove_durably(layout.manifest(stage))

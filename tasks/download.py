@@ -10,17 +10,28 @@ Each call costs ~4 s before the first request: img2dataset spawns a worker and a
 imports img2dataset (which imports torch). One img2dataset shard is worked on by one process with
 `config.threads` threads, so `config.processes` is not used: a second process would only add start-up.
 
-URL safety (`url_block_reason`) refuses, before any request, URLs whose scheme is not http(s) and, unless
-`allow_private_networks` is set, URLs whose host is literally `localhost` or a non-public IP address in
-any form the resolver accepts (dotted, integer, octal, hex, short forms such as 127.1, IPv6 including
-IPv4-mapped and 6to4, percent-encoded or full-width digits). The host is checked both as
-`urllib.parse.urlsplit` reads it and as urllib, which img2dataset uses, will connect to it.
+URL safety (`url_block_reason`, in tasks.fetch) refuses, before any request, URLs whose scheme is not
+http(s) and, unless `allow_private_networks` is set, URLs whose host is literally `localhost` or a
+non-public IP address in any form the resolver accepts (dotted, integer, octal, hex, short forms such as
+127.1, IPv6 including IPv4-mapped and 6to4, percent-encoded or full-width digits). The host is checked
+both as `urllib.parse.urlsplit` reads it and as urllib, which img2dataset uses, will connect to it.
 
-Not covered (the check reads the URL only, never the network):
+Inside img2dataset's workers (tasks.fetch, installed as img2dataset.main.Downloader):
+- every redirect target passes the same check before it is requested (else blocked_url, detail
+  "redirect to <url>: <why>"), and only http(s) handlers exist (no ftp://, file://);
+- each URL has a total deadline, `max_seconds_per_url` (default 3 x timeout_s x attempts) over all its
+  attempts and waits: a trickling body or header block ends as timeout;
+- retries (`retries`) are for transient failures only (408, 425, 429, 500, 502-504, timeouts, resets,
+  cut-short bodies), waiting as Retry-After asks (seconds or HTTP-date) up to `max_retry_after_s` and
+  never past the deadline; a longer Retry-After ends the URL at once.
+
+Not covered (the checks read URLs only, never the network):
 - DNS names that resolve to private addresses (`internal.example.com -> 10.0.0.5`), including DNS
-  rebinding. Resolving here would be neither deterministic nor sufficient, as urllib resolves again.
-- Redirects: urllib follows up to 10 of them inside img2dataset's worker processes, to any host, and
-  to ftp:// too; a public URL can redirect to http://127.0.0.1/.
+  rebinding: for the original URL and for redirect targets alike. Resolving here would be neither
+  deterministic nor sufficient, as urllib resolves again.
+- DNS resolution time: the system resolver's own timeouts apply, outside the per-URL deadline; so does
+  connecting to each address of a host in turn (timeout_s each).
+- The size of a body: one fast enough to arrive within the deadline is held in memory whole.
 Deployments that fetch untrusted URLs next to private services need an egress control that sees every
 connection: a firewall on the download host or a filtering proxy (urllib honours http_proxy/https_proxy).
 """
@@ -28,14 +39,10 @@ connection: a firewall on the download host or a filtering proxy (urllib honours
 from __future__ import annotations
 
 import functools
-import http.client
 import importlib
-import ipaddress
 import math
 import signal
 import types
-import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,18 +56,29 @@ from rs5m.config import DownloadConfig, PipelineConfig
 from storage.atomic import write_parquet
 from storage.layout import Layout
 from storage.schemas import DOWNLOAD_SCHEMA, KEYWORD_SCHEMA
+from tasks.fetch import (
+    REDIRECT_PREFIX,
+    FetchPolicy,
+    GuardedDownloader,
+    default_max_seconds_per_url,
+    policy_for_downloaders,
+    url_block_reason,
+)
 from tasks.harness import ShardStage, ShardSummary
 from tasks.retry import retry_if_transient
 from tasks.stage import ShardOutcome, split_by_reason
 
+__all__ = ["DOWNLOAD", "REASONS", "download_shard", "failure_reason", "fetch_policy", "url_block_reason"]
+
 REASONS = {
-    "blocked_url": "refused before any request: not http(s), malformed, or a localhost/non-public IP host",
-    "http_error": "the server answered with an HTTP error status (404, 403, 500, ...)",
-    "timeout": "no complete answer within download.timeout_s",
-    "download_error": "any other failure: connection refused, DNS failure, X-Robots-Tag opt-out, ...",
+    "blocked_url": "refused before any request: not http(s), malformed, or a localhost/non-public IP host; "
+    "or a redirect to such a URL, refused before it is followed",
+    "http_error": "the server answered with an HTTP error status (404, 403, 500, 429, ...)",
+    "timeout": "nothing for download.timeout_s, or the URL's total time (download.max_seconds_per_url) ran out",
+    "download_error": "any other failure: connection refused or reset, body cut short, DNS failure, "
+    "X-Robots-Tag opt-out, ...",
 }
 
-ALLOWED_SCHEMES = ("http", "https")
 NOT_REPORTED = "img2dataset reported no result for this URL"
 IMAGE_COLUMN = "jpg"  # img2dataset's parquet writer names the bytes column after encode_format
 
@@ -73,8 +91,6 @@ RESULT_SCHEMA = pa.schema(
         (IMAGE_COLUMN, pa.binary()),
     ]
 )
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def download_shard(table: pa.Table, config: DownloadConfig, scratch_dir: Path) -> ShardOutcome:
@@ -127,14 +143,24 @@ def download_shard(table: pa.Table, config: DownloadConfig, scratch_dir: Path) -
 
 
 def failure_reason(error_message: str) -> str:
-    """Map one of img2dataset's error messages (urllib's exception text) to a reason."""
+    """Map an error message from the workers (tasks.fetch, or img2dataset's urllib text) to a reason."""
     if error_message.startswith("HTTP Error "):  # urllib.error.HTTPError: "HTTP Error 404: Not Found"
         return "http_error"
-    if (
-        "timed out" in error_message.lower()
-    ):  # "timed out", "<urlopen error timed out>", "The read operation..."
+    if error_message.startswith(REDIRECT_PREFIX):  # "redirect to <url>: <why>", refused before following
+        return "blocked_url"
+    if "timed out" in error_message.lower():  # "timed out: ...", "<urlopen error timed out>", ...
         return "timeout"
     return "download_error"
+
+
+def fetch_policy(config: DownloadConfig) -> FetchPolicy:
+    """The limits the workers apply to every URL, defaults resolved (see DownloadConfig)."""
+    return FetchPolicy(
+        max_seconds_per_url=config.max_seconds_per_url
+        or default_max_seconds_per_url(config.timeout_s, config.retries),
+        max_retry_after_s=config.timeout_s if config.max_retry_after_s is None else config.max_retry_after_s,
+        allow_private_networks=config.allow_private_networks,
+    )
 
 
 def _run_img2dataset(requests: pa.Table, config: DownloadConfig, scratch_dir: Path) -> pa.Table:
@@ -145,27 +171,29 @@ def _run_img2dataset(requests: pa.Table, config: DownloadConfig, scratch_dir: Pa
     url_list = scratch_dir / "urls.parquet"
     output_folder = scratch_dir / "img2dataset"
     write_parquet(url_list, requests)
-    _img2dataset_download()(
-        url_list=str(url_list),
-        input_format="parquet",
-        url_col="url",
-        save_additional_columns=["sample_id"],
-        output_folder=str(output_folder),
-        output_format="parquet",
-        # img2dataset gives each of its shards to one process: split ours so every process has work.
-        number_sample_per_shard=math.ceil(requests.num_rows / config.processes),
-        processes_count=config.processes,
-        thread_count=config.threads,
-        timeout=config.timeout_s,
-        retries=config.retries,
-        user_agent_token=config.user_agent_token,
-        disable_all_reencoding=True,
-        encode_format=IMAGE_COLUMN,
-        extract_exif=False,
-        compute_hash=None,  # validate hashes the bytes it keeps
-        enable_wandb=False,
-        distributor="multiprocessing",
-    )
+    download = _img2dataset_download()
+    with policy_for_downloaders(fetch_policy(config)):  # picked up by GuardedDownloader, in this thread
+        download(
+            url_list=str(url_list),
+            input_format="parquet",
+            url_col="url",
+            save_additional_columns=["sample_id"],
+            output_folder=str(output_folder),
+            output_format="parquet",
+            # img2dataset gives each of its shards to one process: split ours so every process has work.
+            number_sample_per_shard=math.ceil(requests.num_rows / config.processes),
+            processes_count=config.processes,
+            thread_count=config.threads,
+            timeout=config.timeout_s,
+            retries=config.retries,
+            user_agent_token=config.user_agent_token,
+            disable_all_reencoding=True,
+            encode_format=IMAGE_COLUMN,
+            extract_exif=False,
+            compute_hash=None,  # validate hashes the bytes it keeps
+            enable_wandb=False,
+            distributor="multiprocessing",
+        )
     outputs = sorted(output_folder.glob("*.parquet"))
     if not outputs:
         raise RuntimeError(f"img2dataset wrote no output for {requests.num_rows} URLs (see its log above)")
@@ -178,114 +206,12 @@ _NO_SIGNAL_HANDLERS = types.SimpleNamespace(SIGINT=signal.SIGINT, signal=lambda 
 
 
 def _img2dataset_download() -> Callable[..., None]:
-    """img2dataset.download (imported on first use: the import is slow), callable from any thread."""
+    """img2dataset.download (imported on first use: the import is slow), callable from any thread, its
+    workers fetching through tasks.fetch when called inside `policy_for_downloaders`."""
     main = importlib.import_module("img2dataset.main")  # `img2dataset.main` the attribute is a function
     main.signal = _NO_SIGNAL_HANDLERS
+    main.Downloader = GuardedDownloader  # pickled to the spawned workers, where it installs the guards
     return main.download
-
-
-def url_block_reason(url: str, allow_private: bool) -> str | None:
-    """Why `url` must not be fetched, or None. Reads the URL only: no DNS, no network (see module doc)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a port urllib could not use either
-    except ValueError as error:
-        return f"malformed URL: {error}"
-    if parts.scheme not in ALLOWED_SCHEMES:
-        return f"scheme {parts.scheme!r} is not http or https" if parts.scheme else "URL has no scheme"
-    try:
-        # The host urllib connects to: it unquotes the whole authority, then http.client strips the port.
-        connect_host = http.client.HTTPConnection(urllib.request.Request(url).host).host
-    except (ValueError, http.client.InvalidURL) as error:
-        return f"malformed URL: {error}"
-    if not parts.hostname or not connect_host:
-        return "URL has no host"
-    if allow_private:
-        return None
-    for host in dict.fromkeys([parts.hostname, connect_host]):
-        reason = _host_block_reason(host)
-        if reason is not None:
-            return reason
-    return None
-
-
-def _host_block_reason(raw_host: str) -> str | None:
-    host = urllib.parse.unquote(raw_host).lower()
-    if not host.isascii():
-        # getaddrinfo gets the IDNA form: full-width digits and dots become ASCII, zero-width characters
-        # vanish (１２７.０.０.１ -> 127.0.0.1). Spaces and control characters never get here: http.client refuses them.
-        try:
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError:
-            return f"host {raw_host!r} is not a valid internationalised domain name"
-    host = host.rstrip(".")
-    if host == "localhost" or host.endswith(".localhost"):
-        return f"host {raw_host!r} is localhost"
-    address = _parse_ip(host)
-    kind = _non_public_kind(address) if address is not None else None
-    if kind is not None:
-        return f"host {raw_host!r} is a non-public address ({kind}: {address})"
-    return None
-
-
-def _parse_ip(host: str) -> IPAddress | None:
-    """The address a resolver reads `host` as, if it is a literal: standard IPv4/IPv6, or inet_aton forms."""
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return _parse_inet_aton(host)
-
-
-def _parse_inet_aton(host: str) -> ipaddress.IPv4Address | None:
-    """IPv4 as inet_aton (and so getaddrinfo) reads it: 1-4 parts, each decimal, 0-octal or 0x-hex,
-    the last part filling the remaining bytes (127.1, 2130706433, 0x7f.1, 017700000001)."""
-    parts = host.split(".")
-    if not 1 <= len(parts) <= 4:
-        return None
-    values = [_inet_aton_number(part) for part in parts]
-    if any(value is None for value in values):
-        return None
-    *head, last = values
-    if any(value > 255 for value in head) or last >= 256 ** (4 - len(head)):
-        return None
-    number = last
-    for position, value in enumerate(head):
-        number += value << (24 - 8 * position)
-    return ipaddress.IPv4Address(number)
-
-
-def _inet_aton_number(part: str) -> int | None:
-    if part.startswith("0x"):
-        digits, base = part[2:] or "0", 16
-    elif part.startswith("0"):
-        digits, base = part, 8
-    else:
-        digits, base = part, 10
-    if not digits.isascii() or not digits.isalnum():
-        return None
-    try:
-        return int(digits, base)
-    except ValueError:
-        return None
-
-
-def _non_public_kind(address: IPAddress) -> str | None:
-    """What makes `address` non-public ("loopback", "private", ...), or None for a global unicast address."""
-    if isinstance(address, ipaddress.IPv6Address):
-        embedded = address.ipv4_mapped or address.sixtofour
-        embedded_kind = _non_public_kind(embedded) if embedded is not None else None
-        if embedded_kind is not None:
-            return f"{embedded_kind} (embedded IPv4)"
-    kinds = (
-        ("unspecified", address.is_unspecified),
-        ("loopback", address.is_loopback),
-        ("link-local", address.is_link_local),
-        ("multicast", address.is_multicast),
-        ("private", address.is_private),
-        ("reserved", address.is_reserved),
-        ("non-global", not address.is_global),
-    )
-    return next((kind for kind, applies in kinds if applies), None)
 
 
 DOWNLOAD = ShardStage(

@@ -26,10 +26,18 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from rs5m.config import PipelineConfig, ShardConfig
-from storage.dataset import DATASET_SCHEMA, DatasetPlan, manifest_path, write_dataset
+from storage.dataset import (
+    DATASET_SCHEMA,
+    DatasetPlan,
+    current_release,
+    manifest_path,
+    release_id,
+    write_dataset,
+)
 from storage.layout import Layout
+from storage.markers import Marker, digest_files
 from storage.schemas import DECONTAMINATE_SCHEMA
-from tasks.harness import GlobalStage, ShardSummary
+from tasks.harness import GlobalStage, Published, ShardSummary
 from tasks.stage import ShardOutcome, decisions
 
 REASONS: dict[str, str] = {}  # nothing is dropped here
@@ -99,13 +107,26 @@ def dataset_plan(layout: Layout, config: ShardConfig, outcomes: dict[str, ShardO
     )
 
 
-def publish_dataset(layout: Layout, config: PipelineConfig, outcomes: dict[str, ShardOutcome]) -> dict:
+def publish_dataset(layout: Layout, config: PipelineConfig, outcomes: dict[str, ShardOutcome]) -> Published:
     manifest = write_dataset(layout, dataset_plan(layout, config.shard, outcomes))
-    return {
+    release = release_id(manifest)
+    release_dir = layout.releases / release
+    files = {
+        layout.relative(release_dir / f.path): {"sha256": f.sha256, "bytes": f.bytes} for f in manifest.files
+    }
+    files.update(digest_files(layout, [release_dir / "manifest.json"]))
+    extra = {
+        "release": release,
         "manifest": str(manifest_path(layout)),
         "files": [f.path for f in manifest.files],
         "rows": manifest.totals["rows_per_split"],
     }
+    return Published(extra, files)
+
+
+def release_is_current(layout: Layout, marker: Marker) -> bool:
+    """The release the marker recorded is the one `dataset` points at."""
+    return current_release(layout) == marker.extra.get("release")
 
 
 SHARD = GlobalStage(
@@ -116,6 +137,7 @@ SHARD = GlobalStage(
     sections=("shard",),
     make_processor=lambda _config: keep_all,
     publish=publish_dataset,
+    is_published=release_is_current,
 )
 
 

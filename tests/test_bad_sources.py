@@ -8,6 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import duckdb
 import pyarrow.parquet as pq
 import yaml
 
@@ -27,6 +28,13 @@ def test_unreachable_and_malformed_sources_fail_alone(tmp_path: Path) -> None:
     )
     wrong_columns = tmp_path / "wrong.csv"
     wrong_columns.write_text("link,text\nhttp://images.example.org/x.jpg,aerial view\n")
+    dirty = tmp_path / "dirty.tsv"  # a latin-1 byte and a broken line: two recorded drops, not a lost source
+    dirty.write_bytes(
+        b"aerial view of a port\thttp://images.example.org/d1.jpg\n"
+        b"vue a\xe9rienne\thttp://images.example.org/d2.jpg\n"
+        b"no url here\n"
+        b"a dog on a sofa\thttp://images.example.org/d3.jpg"
+    )
     config = {
         "workdir": str(tmp_path / "work"),
         "sources": [
@@ -39,6 +47,13 @@ def test_unreachable_and_malformed_sources_fail_alone(tmp_path: Path) -> None:
                 "column_names": ["caption", "url"],
             },
             {"name": "wrong_columns", "path": str(wrong_columns), "format": "csv"},
+            {
+                "name": "dirty",
+                "path": str(dirty),
+                "format": "tsv",
+                "header": False,
+                "column_names": ["caption", "url"],
+            },
         ],
     }
     path = tmp_path / "pipeline.yaml"
@@ -65,7 +80,11 @@ def test_unreachable_and_malformed_sources_fail_alone(tmp_path: Path) -> None:
     )
     funnel = json.loads(report.stdout)
     assert [s["stage"] for s in funnel["stages"]] == ["ingest", "keyword"]
-    assert funnel["stages"][1]["sources"] == {"good": {"in": 3, "kept": 2, "dropped": {"no_keyword": 1}}}
+    assert funnel["stages"][0]["sources"]["dirty"] == {"in": 4, "kept": 2, "dropped": {"malformed_row": 2}}
+    assert funnel["stages"][1]["sources"] == {
+        "good": {"in": 3, "kept": 2, "dropped": {"no_keyword": 1}},
+        "dirty": {"in": 2, "kept": 1, "dropped": {"no_keyword": 1}},
+    }
     assert sorted(funnel["failed_sources"]) == ["unreachable", "wrong_columns"]
 
 
@@ -81,28 +100,23 @@ def _write_jsonl(path: Path, rows: int) -> None:
     )
 
 
-def test_a_shrunk_source_leaves_no_stale_shard_files_and_a_failed_one_keeps_its_work(
+def test_sources_that_shrink_fail_or_leave_keep_their_files_until_an_explicit_prune(
     tmp_path: Path, prefect_server
 ) -> None:
     shrinking, flaky = tmp_path / "shrinking.jsonl", tmp_path / "flaky.jsonl"
     _write_jsonl(shrinking, 25)
     _write_jsonl(flaky, 10)
-    config = tmp_path / "pipeline.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "workdir": str(tmp_path / "work"),
-                "ingest": {"shard_rows": 10},
-                "sources": [
-                    {"name": "shrinking", "path": str(shrinking), "format": "jsonl"},
-                    {"name": "flaky", "path": str(flaky), "format": "jsonl"},
-                ],
-            }
-        )
-    )
     work = tmp_path / "work"
+    both = [
+        {"name": "shrinking", "path": str(shrinking), "format": "jsonl"},
+        {"name": "flaky", "path": str(flaky), "format": "jsonl"},
+    ]
 
-    def run() -> subprocess.CompletedProcess:
+    def run(sources: list[dict]) -> subprocess.CompletedProcess:
+        config = tmp_path / "pipeline.yaml"
+        config.write_text(
+            yaml.safe_dump({"workdir": str(work), "ingest": {"shard_rows": 10}, "sources": sources})
+        )
         return subprocess.run(
             [str(BIN / "rs5m"), "run", str(config), "--stages", "ingest,keyword"],
             capture_output=True,
@@ -111,30 +125,49 @@ def test_a_shrunk_source_leaves_no_stale_shard_files_and_a_failed_one_keeps_its_
             timeout=300,
         )
 
-    def files(stage: str) -> list[str]:
-        return sorted(
-            p.relative_to(work / stage).as_posix() for p in (work / stage).rglob("*") if p.is_file()
+    def prune(*flags: str) -> str:
+        result = subprocess.run(
+            [str(BIN / "rs5m"), "prune", str(work), *flags], capture_output=True, text=True, timeout=120
         )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
 
-    assert run().returncode == 0
-    assert [f for f in files("keyword") if f.startswith("ledger/")] == [
-        "ledger/flaky-00000.parquet",
-        *(f"ledger/shrinking-{i:05d}.parquet" for i in range(3)),
-    ]
+    def ledger_files() -> list[str]:
+        return sorted(p.name for p in (work / "keyword" / "ledger").glob("*.parquet"))
+
+    def current_fates() -> int:
+        con = duckdb.connect(str(work / "catalog.duckdb"), read_only=True)
+        return con.sql("SELECT count(*) FROM ledger WHERE stage = 'keyword'").fetchall()[0][0]
+
+    everything = ["flaky-00000.parquet", *(f"shrinking-{i:05d}.parquet" for i in range(3))]
+    assert run(both).returncode == 0
+    assert ledger_files() == everything
     flaky_keyword_ledger = (work / "keyword" / "ledger" / "flaky-00000.parquet").read_bytes()
 
+    # a source whose file is gone fails alone; a shrunk one has fewer current shards; nothing is deleted
     _write_jsonl(shrinking, 8)
     flaky.rename(tmp_path / "flaky.away")
-    result = run()
+    result = run(both)
     assert result.returncode == 1 and "flaky" in result.stderr.strip().splitlines()[-2]
-    for stage in ("ingest", "keyword"):
-        assert not [f for f in files(stage) if "shrinking-0000" in f and "shrinking-00000" not in f]
-        assert pq.read_table(work / stage / "ledger").num_rows == 8 + 10  # the failed source's rows stay
-    assert (work / "ingest" / "markers" / "flaky.json").exists()
-    assert (work / "keyword" / "ledger" / "flaky-00000.parquet").exists()
+    assert ledger_files() == everything
+    assert current_fates() == 8  # the current funnel: the failed source is reported, its old files kept
 
+    # left out of the config for one run: its files stay, and when it comes back it resumes
     (tmp_path / "flaky.away").rename(flaky)
-    assert run().returncode == 0
-    # the source's work was kept, so nothing of it ran again
+    assert run(both[:1]).returncode == 0
+    assert ledger_files() == everything and current_fates() == 8
+    planned = prune()
+    assert "ingest/data: 3 entries" in planned and "keyword/ledger: 3 entries" in planned
+    assert "would delete" in planned and "--yes" in planned
+    assert ledger_files() == everything  # a plan deletes nothing
+    assert run(both).returncode == 0
     assert (work / "keyword" / "ledger" / "flaky-00000.parquet").read_bytes() == flaky_keyword_ledger
-    assert pq.read_table(work / "keyword" / "ledger").num_rows == 18
+    assert current_fates() == 18
+
+    # pruned explicitly: only then are the files the current manifests do not name deleted
+    assert run(both[:1]).returncode == 0
+    assert "deleted" in prune("--yes")
+    assert ledger_files() == ["shrinking-00000.parquet"]
+    assert pq.read_table(work / "keyword" / "ledger").num_rows == 8  # read directly: one fate per sample
+    assert "nothing to prune" in prune()
+    assert run(both[:1]).returncode == 0

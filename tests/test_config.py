@@ -48,6 +48,24 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
         ({"sources": [{"name": "x", "path": "x", "format": "xml"}]}, "sources.0.format"),
         ({"sources": [{"name": "bad name!", "path": "x", "format": "csv"}]}, "sources.0.name"),
         ({"sources": [{"name": "x", "path": "x", "format": "tsv", "header": False}]}, "sources.0"),
+        (
+            {"sources": [{"name": "x", "path": "x", "format": "csv", "encoding": "not-a-codec"}]},
+            "sources.0.encoding",
+        ),
+        (
+            {"sources": [{"name": "x", "path": "x", "format": "csv", "encoding": "base64"}]},
+            "sources.0.encoding",
+        ),
+        ({"sources": [{"name": "x", "path": "x", "format": "parquet", "encoding": "latin-1"}]}, "sources.0"),
+        ({"ingest": {"max_caption_chars": 0}}, "ingest.max_caption_chars"),
+        ({"ingest": {"max_line_bytes": 0}}, "ingest.max_line_bytes"),
+        ({"sources": [{"name": "../evil", "path": "x", "format": "csv"}]}, "sources.0.name"),
+        ({"sources": [{"name": "a/../../b", "path": "x", "format": "csv"}]}, "sources.0.name"),
+        (
+            {"decontaminate": {"eval_sets": [{"name": "../../x", "path": "x"}]}},
+            "decontaminate.eval_sets.0.name",
+        ),
+        ({"filter": {"detector": "../../../etc/passwd"}}, "filter.detector"),
         ({"sources": []}, "sources"),
         ({"sources": [GOOD["sources"][0], GOOD["sources"][0]]}, "sources"),
         (
@@ -61,6 +79,25 @@ def test_bad_values_name_their_field(change: dict, field: str) -> None:
         parse_config({**GOOD, **change}, origin="test.yaml")
     assert f"  {field}:" in str(caught.value)
     assert "test.yaml" in str(caught.value)
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "jsonl", "parquet"])
+def test_multiline_values_is_for_csv_only(fmt: str) -> None:
+    source = {"name": "x", "path": "x", "format": fmt, "multiline_values": True}
+    if fmt == "tsv":
+        source.update(header=False, column_names=["caption", "url"])
+    with pytest.raises(ConfigError, match=r"(?s)  sources\.0:.*multiline_values applies to csv only"):
+        parse_config({**GOOD, "sources": [source]}, origin="test.yaml")
+    csv_source = {"name": "x", "path": "x", "format": "csv", "multiline_values": True, "encoding": "cp1252"}
+    config = parse_config({**GOOD, "sources": [csv_source]})
+    assert config.sources[0].multiline_values and config.sources[0].encoding == "cp1252"
+
+
+def test_an_unknown_encoding_names_the_field_and_the_value() -> None:
+    source = {"name": "x", "path": "x", "format": "jsonl", "encoding": "not-a-codec"}
+    with pytest.raises(ConfigError) as caught:
+        parse_config({**GOOD, "sources": [source]}, origin="test.yaml")
+    assert "sources.0.encoding" in str(caught.value) and "'not-a-codec'" in str(caught.value)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -19,6 +19,7 @@ from storage.atomic import write_parquet
 from storage.dataset import (
     DATASET_SCHEMA,
     DatasetPlan,
+    current_release,
     dataset_dir,
     read_dataset_manifest,
     write_dataset,
@@ -91,7 +92,7 @@ def _config(root: Path, **shard: object) -> PipelineConfig:
 
 
 def _publish(layout: Layout, tables: dict[str, pa.Table], **shard: object) -> dict:
-    return publish_dataset(layout, _config(layout.root, **shard), keep_all(tables, {}))
+    return publish_dataset(layout, _config(layout.root, **shard), keep_all(tables, {})).extra
 
 
 def _originals(layout: Layout) -> dict[str, bytes]:
@@ -282,7 +283,7 @@ def test_same_inputs_give_byte_identical_files(tmp_path: Path) -> None:
     assert len(digests[0]) > 4
 
 
-def test_failed_write_leaves_no_temporaries_and_no_manifest(tmp_path: Path) -> None:
+def test_failed_write_keeps_the_previous_release_whole(tmp_path: Path) -> None:
     layout, tables = _fake_workdir(tmp_path)
     _publish(layout, tables, rows_per_shard=16, val_fraction=0.2, webdataset=True)
     previous = _folder_files(layout)
@@ -294,7 +295,10 @@ def test_failed_write_leaves_no_temporaries_and_no_manifest(tmp_path: Path) -> N
 
     with pytest.raises(OSError, match="disk full"):
         write_dataset(layout, DatasetPlan(batches=batches(), rows_per_shard=1000, webdataset=True))
-    assert _folder_files(layout) == previous - {"manifest.json"}  # no .tmp-* left, incomplete
+    # the release readers see is the previous one, whole; the failed build left nothing behind
+    assert _folder_files(layout) == previous
+    assert read_dataset_manifest(layout) is not None
+    assert [p.name for p in layout.releases.iterdir()] == [current_release(layout)]
 
 
 def test_kept_sample_without_image_is_an_error(tmp_path: Path) -> None:

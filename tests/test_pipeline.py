@@ -3,6 +3,7 @@ the run, a kill in the middle of a download shard, and stage reruns when a confi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,12 +15,14 @@ from urllib.parse import urlsplit
 from uuid import UUID
 
 import duckdb
+import psutil
 import pytest
 import yaml
 
 from rs5m.demo import expected_contaminated, expected_dedup, expected_funnel, row_key
 from storage.catalog import catalog_root
 from storage.layout import Layout
+from storage.lock import workdir_lock
 from tests.helpers import BIN, free_port
 
 STAGES = ["ingest", "keyword", "download", "validate", "embed", "filter", "dedup", "decontaminate", "shard"]
@@ -213,45 +216,116 @@ def canonical(workdir: Path) -> tuple[list, list]:
     return ledger, samples
 
 
-def test_kill_mid_download_shard_then_rerun_matches_the_uninterrupted_run(
-    tmp_path: Path, demo_run: Path, prefect_server, demo_port: int
-) -> None:
-    workdir = tmp_path / "killed"
-    args = [str(BIN / "rs5m"), "demo", "--workdir", str(workdir), "--port", str(demo_port)]
-    process = subprocess.Popen(
-        args,
-        env=prefect_server.env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+def _wait_for_download_work(workdir: Path, process: subprocess.Popen, since: float) -> str:
+    """Wait until img2dataset is writing a shard in this run (scratch files newer than `since`, the shard
+    has no marker); its shard id."""
     scratch = workdir / "download" / "scratch"
     deadline = time.monotonic() + DEMO_TIMEOUT_S
+    while time.monotonic() < deadline and process.poll() is None:
+        for folder in scratch.glob("*") if scratch.exists() else []:
+            if any(p.stat().st_mtime > since for p in folder.rglob("*.parquet")):
+                return folder.name
+        time.sleep(0.1)
+    raise AssertionError("no download shard was in progress before the run ended or the deadline")
+
+
+def _session_processes(session: int) -> list[psutil.Process]:
+    alive = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == session and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return alive
+
+
+def _stop_mid_download(
+    workdir: Path, args: list[str], env: dict[str, str], signum: int, whole_group: bool
+) -> tuple[subprocess.CompletedProcess, str, float, list[psutil.Process]]:
+    """Start a run, send `signum` while a download shard is half-done; (result, shard, seconds to exit,
+    processes of the run's session still alive a few seconds after it exited)."""
+    since = time.time()
+    process = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
-        # `rs5m report` reads the catalog while the run is going
-        while time.monotonic() < deadline and not (workdir / "keyword" / "manifest.json").exists():
+        shard = _wait_for_download_work(workdir, process, since)
+        sent = time.monotonic()
+        if whole_group:
+            os.killpg(process.pid, signum)  # what Ctrl-C in a terminal does
+        else:
+            process.send_signal(signum)  # what `timeout` and a Prefect worker do
+        stdout, stderr = process.communicate(timeout=60)
+        took = time.monotonic() - sent
+        deadline = time.monotonic() + 5
+        while _session_processes(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        leftovers = _session_processes(process.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr), shard, took, leftovers
+
+
+def test_kill_interrupt_and_terminate_mid_download_then_rerun_matches_the_uninterrupted_run(
+    tmp_path: Path, demo_run: Path, prefect_server, demo_port: int
+) -> None:
+    workdir = tmp_path / "stopped"
+    args = [str(BIN / "rs5m"), "demo", "--workdir", str(workdir), "--port", str(demo_port)]
+    env = prefect_server.env()
+
+    # SIGKILL of the whole process group: nothing can be recorded, readers still tell the truth
+    since = time.time()
+    process = subprocess.Popen(
+        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        while (
+            time.monotonic() - since < DEMO_TIMEOUT_S and not (workdir / "keyword" / "manifest.json").exists()
+        ):
             time.sleep(0.1)
-        live = report_json(workdir)
+        live = report_json(workdir)  # `rs5m report` reads the catalog while the run is going
         assert [s["stage"] for s in live["stages"]][:2] == ["ingest", "keyword"]
-        assert process.poll() is None, "the run ended before the live report was read"
-        # wait until img2dataset is writing a shard: its scratch folder holds files, the shard has no marker
-        while time.monotonic() < deadline and process.poll() is None:
-            busy = [d for d in scratch.glob("*") if any(d.rglob("*.parquet"))] if scratch.exists() else []
-            if busy:
-                time.sleep(0.3)
-                break
-            time.sleep(0.1)
-        assert process.poll() is None, "the run ended before it could be killed mid-download"
-        assert busy, "no download shard was in progress before the deadline"
+        killed_shard = _wait_for_download_work(workdir, process, since)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    killed_shard = busy[0].name
     assert not (workdir / "download" / "markers" / f"{killed_shard}.json").exists()
+    after_kill = report_json(workdir)
+    assert {"stage": "download", "status": "interrupted"} in after_kill["incomplete"]
+    assert after_kill["last_run"]["status"] == "interrupted" and after_kill["remain"] == {}
 
-    result = rs5m("demo", "--workdir", str(workdir), "--port", str(demo_port), env=prefect_server.env())
+    # Ctrl-C (SIGINT to the group), then SIGTERM to the run alone: prompt, recorded, nothing left running
+    for signum, whole_group, code in ((signal.SIGINT, True, 130), (signal.SIGTERM, False, 143)):
+        result, shard, took, leftovers = _stop_mid_download(workdir, args, env, signum, whole_group)
+        assert result.returncode == code, result.stderr[-3000:]
+        assert took < 30, f"{signal.Signals(signum).name} took {took:.0f} s to end the run"
+        assert f"interrupted by {signal.Signals(signum).name} during stage 'download'" in result.stderr
+        assert not leftovers, [p.cmdline() for p in leftovers]
+        assert not (workdir / "download" / "markers" / f"{shard}.json").exists()
+        report = report_json(workdir)
+        assert report["last_run"]["status"] == "interrupted"
+        assert {"stage": "download", "status": "interrupted"} in report["incomplete"]
+        _assert_cancelled_in_prefect(report["last_run"]["run_id"], prefect_server)
+
+    result = rs5m("demo", "--workdir", str(workdir), "--port", str(demo_port), env=env)
     assert result.returncode == 0, result.stderr[-5000:]
     assert canonical(workdir) == canonical(demo_run)
+    assert not [p for p in workdir.rglob("*") if ".tmp-" in p.name or ".building-" in p.name]
+
+
+def _assert_cancelled_in_prefect(run_id: str, prefect_server) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with (
+        temporary_settings({PREFECT_API_URL: prefect_server.api_url}),
+        get_client(sync_client=True) as client,
+    ):
+        parent = client.read_flow_run(UUID(run_id))
+    assert parent.state.is_cancelled(), parent.state
 
 
 def test_report_on_a_moved_work_directory_rebuilds_the_catalog_there(tmp_path: Path, demo_run: Path) -> None:
@@ -380,3 +454,30 @@ def test_a_crash_inside_a_global_stage_then_rerun_matches_an_uninterrupted_run(
     assert outputs[0] != canonical(demo_run)  # the new config did change decisions
     assert not outputs[2]  # no temporaries left by the crash survive the rerun
     assert any("duplicate_perceptual" in row for row in ledger)
+
+
+def test_concurrent_runs_on_one_work_directory_write_once(
+    tmp_path: Path, demo_run: Path, prefect_server, uninterrupted_new_config: tuple
+) -> None:
+    workdir = tmp_path / "together"
+    config = str(new_dedup_and_shard_config(demo_run, workdir))
+    env = prefect_server.env()
+    with workdir_lock(Layout(workdir), "a-run-of-this-test"):
+        busy = rs5m("run", config, env=env)  # fails at once, naming the writer
+    assert busy.returncode == 3, busy.stderr[-2000:]
+    assert "is being written by run a-run-of-this-test" in busy.stderr and "--wait" in busy.stderr
+    assert busy.stderr.count("\n") <= 3, busy.stderr  # a line, not a traceback
+
+    runs = [
+        subprocess.Popen(
+            [str(BIN / "rs5m"), "run", config, "--wait"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    results = [run.communicate(timeout=DEMO_TIMEOUT_S) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in results]
+    assert run_outputs(workdir) == uninterrupted_new_config

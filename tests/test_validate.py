@@ -193,6 +193,21 @@ def test_oversized_images_are_refused_without_decoding(monkeypatch: pytest.Monke
     assert decoded == [(40, 40)]
 
 
+def test_a_real_decompression_bomb_is_refused_without_decoding(monkeypatch: pytest.MonkeyPatch):
+    # a valid PNG of 10000 x 10000 grey pixels: ~100 KB on the wire, 100 MB once decoded
+    bomb = io.BytesIO()
+    Image.new("L", (10_000, 10_000)).save(bomb, format="PNG", optimize=True)
+    assert len(bomb.getvalue()) < 200_000
+    decoded: list[tuple[int, int]] = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(
+        ImageFile.ImageFile, "load", lambda image: decoded.append(image.size) or real_load(image)
+    )
+    outcome = validate_shard(shard([bomb.getvalue(), encode(noise(40, 40), "PNG")]), CONFIG)
+    assert reasons_of(outcome) == ["too_large", None]
+    assert decoded == [(40, 40)]  # refused from its header
+
+
 def test_config_limits_decide_not_pils_warning_threshold(monkeypatch: pytest.MonkeyPatch):
     # PIL warns above MAX_IMAGE_PIXELS and refuses above twice that; config allows more than PIL's warning.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)

@@ -1,0 +1,88 @@
+"""How a run process ends (flows/run_control.py): SIGTERM and SIGINT end it at once with its record written
+and its worker processes gone, even while a thread is stuck; a shard stuck in C code makes the watchdog
+stop the run with where it was."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A run whose only task thread is stuck for good (blocked on a lock nobody releases, as a thread waiting on
+# a dead multiprocessing pool is) and which has a worker process of its own.
+STUCK_RUN = """
+import subprocess, sys, threading
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+import tasks.watchdog
+from flows.run_control import ActiveRun, entered_stage, stoppable
+from storage.layout import Layout
+from storage.runs import write_run_record
+
+tasks.watchdog.ESCALATE_AFTER_S = 1.0
+layout = Layout(Path({root!r}))
+record = {{"started_at": "t0", "stages": ["embed"]}}
+write_run_record(layout, "run-1", {{**record, "status": "running"}})
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+never = threading.Lock()
+never.acquire()
+
+def task():
+    with tasks.watchdog.watching("embed", "web-00000", {stall_timeout_s}):
+        never.acquire()
+
+with stoppable(ActiveRun(layout, "run-1", record)):
+    entered_stage("embed", None)
+    thread = threading.Thread(target=task)
+    thread.start()
+    print(worker.pid, flush=True)
+    thread.join()
+"""
+
+
+def start(tmp_path: Path, stall_timeout_s: float | None) -> tuple[subprocess.Popen, int]:
+    script = STUCK_RUN.format(repo=str(REPO), root=str(tmp_path), stall_timeout_s=stall_timeout_s)
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    worker = int(process.stdout.readline())  # the run is under way
+    return process, worker
+
+
+def record(tmp_path: Path) -> dict:
+    return json.loads((tmp_path / "runs" / "run-1.json").read_text())
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_ends_a_stuck_run_at_once(tmp_path: Path, signum: int, code: int) -> None:
+    process, worker = start(tmp_path, stall_timeout_s=None)
+    started = time.monotonic()
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == code
+    assert time.monotonic() - started < 15
+    assert f"interrupted by {signal.Signals(signum).name} during stage 'embed'" in stderr
+    assert "rerun the same command to resume" in stderr
+    assert record(tmp_path)["status"] == "interrupted" and record(tmp_path)["stage"] == "embed"
+    assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_shard_stuck_in_c_code_stops_the_run_with_where_it_was(tmp_path: Path) -> None:
+    process, worker = start(tmp_path, stall_timeout_s=1.0)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1
+    final = record(tmp_path)
+    assert final["status"] == "failed"
+    assert "stage 'embed' shard 'web-00000' made no progress" in final["error"]
+    assert ", in task" in final["error"]  # where it was stuck
+    assert "blocked outside Python" in final["error"]
+    assert "made no progress" in stderr
+    assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
