@@ -26,8 +26,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# two workers: most of the suite waits on subprocesses, servers and sockets; tests sharing the demo run
+# stay on one worker (xdist_group "demo")
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 demo: $(STAMP)
 	$(BIN)/rs5m demo --workdir rs5m-demo

@@ -9,7 +9,12 @@ The project's own architectures in models/configs/*.json (for instance the tiny 
 with open_clip before any lookup, so every name resolves the same way.
 
 Images are decoded one of two ways (`decoder=`):
-  - "pil": a torch DataLoader whose worker processes decode with PIL and apply open_clip's own preprocess;
+  - "pil": PIL decode and open_clip's own preprocess, in `num_workers` decode processes (or in this process when
+    0). The processes are started once per encoder and reused by every call (`DecodePool`); they are never
+    forked from this process: the stage tasks call the encoder from threads, and a fork copies locks that other
+    threads hold (importlib's module locks, logging's) into a child that waits on them for ever. They come
+    from multiprocessing's forkserver (a single-threaded server started with fork+exec, which preloads this
+    module), or from spawn where there is no forkserver;
   - "torchvision": torchvision.io.decode_jpeg on the model's device (nvjpeg batch decode on CUDA, libjpeg on CPU)
     followed by the same resize / centre crop / normalise as tensor ops on that device; images that are not JPEG
     or that the JPEG decoder rejects go through PIL.
@@ -20,15 +25,24 @@ No prefect import here: this module runs from a source tree on GPU machines that
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import hashlib
 import io
 import json
 import logging
+import math
+import multiprocessing
 import os
-from collections import defaultdict
-from collections.abc import Sequence
+import signal
+import threading
+import time
+import weakref
+from collections import defaultdict, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -41,7 +55,6 @@ import torchvision.transforms.v2.functional as tvf
 from open_clip.pretrained import download_pretrained
 from open_clip.transform import PreprocessCfg
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
@@ -55,6 +68,8 @@ Decoder = Literal["auto", "pil", "torchvision"]
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _JPEG_MAGIC = b"\xff\xd8\xff"
+
+Progress = Callable[[int], None]
 
 
 class ClipWeightsUnavailableError(RuntimeError):
@@ -208,7 +223,8 @@ def load_clip(
 ) -> ClipEncoder:
     """Builds the model of `spec` in eval mode, weights cast to spec.precision (no autocast).
 
-    num_workers: DataLoader worker processes of the PIL decode path (0 decodes in this process).
+    num_workers: decode processes of the PIL path, started by the first encode_images call and kept by the
+    encoder (0 decodes in the calling process).
     cache_dir: where open_clip looks for / downloads hub weights (default: the Hugging Face cache).
     """
     register_project_configs()
@@ -240,29 +256,246 @@ def load_clip(
     )
 
 
-class _PilImageDataset(Dataset):
-    """Encoded image bytes -> (preprocessed tensor, decoded?) with open_clip's own PIL preprocess."""
-
-    def __init__(self, images: Sequence[bytes], preprocess, image_size: tuple[int, int]) -> None:
-        self.images = images
-        self.preprocess = preprocess
-        self.image_size = image_size
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, bool]:
-        try:
-            image = _pil_open(self.images[index])
-        except (OSError, ValueError, Image.DecompressionBombError):
-            return torch.zeros((3, *self.image_size)), False
-        return self.preprocess(image), True
-
-
 def _pil_open(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
     return image
+
+
+def decode_pil_batch(
+    images: Sequence[bytes], preprocess, image_size: tuple[int, int]
+) -> tuple[np.ndarray, list[int]]:
+    """PIL decode + open_clip's own preprocess of each image -> ((n, 3, H, W) float32, positions PIL could not
+    decode; their rows are zeros). The decode processes and the in-process path (num_workers=0) both run this."""
+    pixels = np.zeros((len(images), 3, *image_size), dtype=np.float32)
+    undecodable = []
+    for position, data in enumerate(images):
+        try:
+            image = _pil_open(data)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            undecodable.append(position)
+            continue
+        pixels[position] = preprocess(image).numpy()
+    return pixels, undecodable
+
+
+class DecodeWorkerDiedError(BrokenProcessPool):
+    """A decode process died (killed, out of memory, a crash in a native decoder) while encode_images waited."""
+
+
+# the decode process's state, set once by its initializer
+_worker_preprocess = None
+_worker_image_size: tuple[int, int] = (0, 0)
+_OWNER_POLL_SECONDS = 1.0
+_WAIT_POLL_SECONDS = 1.0
+
+
+def _init_decode_process(preprocess, image_size: tuple[int, int], owner_pid: int) -> None:
+    global _worker_preprocess, _worker_image_size
+    _worker_preprocess, _worker_image_size = preprocess, image_size
+    # Ctrl-C reaches the whole process group: the owner decides what stops, and it stops the pool
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # one core per process, as torch's DataLoader workers do (ToTensor/Normalize would start intra-op threads)
+    torch.set_num_threads(1)
+    threading.Thread(
+        target=_exit_when_orphaned, args=(owner_pid,), name="rs5m-decode-watch", daemon=True
+    ).start()
+
+
+def _decode_in_worker(images: list[bytes]) -> tuple[np.ndarray, list[int]]:
+    return decode_pil_batch(images, _worker_preprocess, _worker_image_size)
+
+
+def _exit_when_orphaned(owner_pid: int) -> None:
+    """Ends a decode process whose owner is gone (SIGKILL, a crash): nothing would ever send it work or the stop
+    sentinel. Not the parent pid: a forkserver child's parent is the server, which outlives the owner while any
+    of its children hold the server's pipe."""
+    while _process_alive(owner_pid):
+        time.sleep(_OWNER_POLL_SECONDS)
+    os._exit(0)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            state = stat.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no procfs (macOS): the signal check above is all there is
+    return state not in (b"Z", b"X")  # a zombie is dead, only not yet reaped
+
+
+def _decode_context() -> multiprocessing.context.BaseContext:
+    """forkserver where there is one: its server is started by fork+exec and is single-threaded, it imports the
+    main module and this one (torch, open_clip, PIL) once, and each process forked from it starts in
+    milliseconds; spawn elsewhere. Either way, as for every spawn-like start (and img2dataset), a script that
+    encodes at import time needs an `if __name__ == "__main__":` guard."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        # multiprocessing's default preload is ["__main__"]; no effect once this process's forkserver runs
+        context.set_forkserver_preload(["__main__", __name__])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+def _exit_description(pid: int, code: int | None) -> str:
+    if code is None:
+        return f"pid {pid} still running"
+    if code < 0:
+        try:
+            return f"pid {pid} killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"pid {pid} killed by signal {-code}"
+    return f"pid {pid} exited with status {code}"
+
+
+class DecodePool:
+    """`workers` processes that decode image bytes with PIL and apply `preprocess`; started on first use and
+    kept until close(), so every call (every shard) reuses them. Safe to submit to from several threads."""
+
+    def __init__(self, workers: int, preprocess, image_size: tuple[int, int]) -> None:
+        self.workers = workers
+        self._executor = ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=_decode_context(),
+            initializer=_init_decode_process,
+            initargs=(preprocess, image_size, os.getpid()),
+        )
+        self._died_lock = threading.Lock()
+        self._exits: str | None = None
+        _LIVE_POOLS.add(self)
+        _stop_pools_before_exit()
+
+    def submit(self, images: list[bytes]) -> Future[tuple[np.ndarray, list[int]]]:
+        return self._executor.submit(_decode_in_worker, images)
+
+    def close(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Stops the processes: pieces not started are cancelled, the running ones finish. With a timeout, the
+        processes still busy after it (stuck in a decoder) are killed."""
+        # concurrent.futures keeps no public record of its processes: read its internals, best effort
+        processes = dict(getattr(self._executor, "_processes", None) or {})
+        manager = getattr(self._executor, "_executor_manager_thread", None)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if not wait or manager is None or manager is threading.current_thread():
+            return
+        manager.join(timeout)
+        if manager.is_alive():
+            for process in processes.values():
+                with contextlib.suppress(ValueError, OSError):  # already closed or gone
+                    process.kill()
+            manager.join(timeout)
+
+    def process_ids(self) -> list[int]:
+        # concurrent.futures keeps no public record of its processes: read its internals
+        processes = getattr(self._executor, "_processes", None) or {}
+        return list(processes)
+
+    def died(self, what: str) -> DecodeWorkerDiedError:
+        """The error to raise once this pool is broken (a process died), saying which processes ended how.
+        Stops the pool (the executor has already stopped the other processes). Every caller gets the same."""
+        with self._died_lock:
+            if self._exits is None:
+                # concurrent.futures keeps no public record of its processes: read its internals, best effort
+                processes = dict(getattr(self._executor, "_processes", None) or {})
+                manager = getattr(self._executor, "_executor_manager_thread", None)
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                if manager is not None and manager is not threading.current_thread():
+                    # it terminates and reaps the other processes: every exit code is known once it ends
+                    manager.join(timeout=10)
+                codes = {pid: process.exitcode for pid, process in processes.items()}
+                exits = "; ".join(_exit_description(pid, code) for pid, code in codes.items())
+                self._exits = exits or "exit codes unknown"
+                if any(code is not None and code > 0 for code in codes.values()):
+                    self._exits += (
+                        "; a Python error is on stderr. A process that fails as it starts usually could not "
+                        "import the main module, which each one imports: run scripts from a file, with their "
+                        'work under `if __name__ == "__main__":`'
+                    )
+        return DecodeWorkerDiedError(
+            f"a PIL decode process of the CLIP encoder died while {what} ({self._exits}). Once one dies the "
+            "pool stops the others (SIGTERM) and this call returns no embeddings; the encoder's next call starts "
+            "new decode processes. If it repeats, look for the kernel's OOM killer (`dmesg`) or an image that "
+            "crashes the decoder, or decode in the calling process with clip.num_workers: 0"
+        )
+
+
+class _DecodePools:
+    """An encoder's decode pools, one per worker count asked for (normally just clip.num_workers)."""
+
+    def __init__(self, preprocess, image_size: tuple[int, int]) -> None:
+        self._preprocess = preprocess
+        self._image_size = image_size
+        self._pools: dict[int, DecodePool] = {}
+        self._lock = threading.Lock()
+
+    def get(self, workers: int) -> DecodePool:
+        with self._lock:
+            pool = self._pools.get(workers)
+            if pool is None:
+                pool = self._pools[workers] = DecodePool(workers, self._preprocess, self._image_size)
+            return pool
+
+    def process_ids(self) -> list[int]:
+        with self._lock:
+            return [pid for pool in self._pools.values() for pid in pool.process_ids()]
+
+    def discard(self, pool: DecodePool) -> None:
+        with self._lock:
+            if self._pools.get(pool.workers) is pool:
+                del self._pools[pool.workers]
+
+    def close(self, wait: bool = True, timeout: float | None = None) -> None:
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.close(wait=wait, timeout=timeout)
+
+
+def _result(future: Future):
+    """future.result(), waking every second: a thread blocked in a wait without a timeout never sees an exception
+    raised into it asynchronously (a stall watchdog's ShardStalled); one in a timed wait takes it at once."""
+    while True:
+        try:
+            return future.result(timeout=_WAIT_POLL_SECONDS)
+        except TimeoutError:
+            if future.done():
+                raise
+
+
+_LIVE_POOLS: weakref.WeakSet[DecodePool] = weakref.WeakSet()
+_EXIT_GRACE_SECONDS = 5.0
+
+
+@functools.cache
+def _stop_pools_before_exit() -> None:
+    """At interpreter exit, concurrent.futures waits for every running piece without a time limit, so a decode
+    process stuck in a decoder would keep a finished (or watchdog-stopped) run from ever exiting. This hook
+    runs first (threading runs its exit hooks newest first) and kills what is still busy after a grace time."""
+    register = getattr(threading, "_register_atexit", None)  # private, as concurrent.futures' own hook is
+    if register is not None:
+        with contextlib.suppress(RuntimeError):  # the interpreter is already shutting down
+            register(_stop_live_pools)
+
+
+def _stop_live_pools() -> None:
+    for pool in list(_LIVE_POOLS):
+        pool.close(wait=True, timeout=_EXIT_GRACE_SECONDS)
+
+
+def _pieces(total: int, batch_size: int, piece: int) -> deque[tuple[int, int]]:
+    """[start, end) ranges of at most `piece` items that never cross a multiple of batch_size."""
+    ranges: deque[tuple[int, int]] = deque()
+    for batch_start in range(0, total, batch_size):
+        batch_end = min(batch_start + batch_size, total)
+        ranges.extend(
+            (start, min(start + piece, batch_end)) for start in range(batch_start, batch_end, piece)
+        )
+    return ranges
 
 
 def _pil_to_uint8_chw(data: bytes) -> torch.Tensor:
@@ -354,7 +587,12 @@ def _normalised_float16(features: torch.Tensor) -> np.ndarray:
 
 
 class ClipEncoder:
-    """A loaded CLIP model; encodes image bytes and captions to L2-normalised float16 embeddings."""
+    """A loaded CLIP model; encodes image bytes and captions to L2-normalised float16 embeddings.
+
+    With decoder "pil" and num_workers > 0 it owns decode processes, started by the first encode_images call and
+    reused by every later one (a 64-image shard does not pay their start-up). They stop at close(), when the
+    encoder is garbage-collected, or at interpreter exit. Calls from several threads are safe (they share the
+    processes; each call's results stay in its own input order)."""
 
     def __init__(
         self,
@@ -384,23 +622,45 @@ class ClipEncoder:
         size = self.preprocess_cfg.size
         self.image_size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)
         self.embed_dim = int(open_clip.get_model_config(spec.model)["embed_dim"])
+        self._decode_pools = _DecodePools(preprocess, self.image_size)
+        # not a method of self: the finaliser must not keep the encoder alive
+        weakref.finalize(self, self._decode_pools.close, False)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stops the decode processes: waits for the pieces they are decoding, at most `timeout` seconds when
+        given (then kills them). The encoder stays usable: a later call starts new ones."""
+        self._decode_pools.close(wait=True, timeout=timeout)
+
+    def __enter__(self) -> ClipEncoder:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     @torch.inference_mode()
     def encode_images(
-        self, images: Sequence[bytes], batch_size: int = 256, *, num_workers: int | None = None
+        self,
+        images: Sequence[bytes],
+        batch_size: int = 256,
+        *,
+        num_workers: int | None = None,
+        progress: Progress | None = None,
     ) -> np.ndarray:
         """JPEG/PNG/... bytes -> (n, embed_dim) float16, L2-normalised rows, input order.
 
         Raises UndecodableImageError naming every undecodable input after the whole pass (the validate stage
-        drops those before this one, so this is a data-integrity error, not a per-sample drop).
+        drops those before this one, so this is a data-integrity error, not a per-sample drop), and
+        DecodeWorkerDiedError (a BrokenProcessPool) if a decode process dies meanwhile.
+        num_workers: decode processes for this call (default: the encoder's); 0 decodes in this process.
+        progress: called after each encoded batch with its number of images (a heartbeat).
         """
         if len(images) == 0:
             return np.empty((0, self.embed_dim), dtype=np.float16)
         if self.decoder == "pil":
             workers = self.num_workers if num_workers is None else num_workers
-            chunks, undecodable = self._encode_images_pil(images, batch_size, workers)
+            chunks, undecodable = self._encode_images_pil(images, batch_size, workers, progress)
         else:
-            chunks, undecodable = self._encode_images_tensor(images, batch_size)
+            chunks, undecodable = self._encode_images_tensor(images, batch_size, progress)
         if undecodable:
             raise UndecodableImageError(undecodable, len(images))
         return np.concatenate(chunks)
@@ -410,26 +670,57 @@ class ClipEncoder:
         return _normalised_float16(self.model.encode_image(pixels))
 
     def _encode_images_pil(
-        self, images: Sequence[bytes], batch_size: int, num_workers: int
+        self, images: Sequence[bytes], batch_size: int, workers: int, progress: Progress | None
     ) -> tuple[list[np.ndarray], list[int]]:
-        loader = DataLoader(
-            _PilImageDataset(images, self.preprocess, self.image_size),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=self.device.type == "cuda",
-            # two batches per worker in flight keeps the model busy without holding many decoded batches
-            prefetch_factor=2 if num_workers > 0 else None,
-        )
-        chunks, undecodable = [], []
-        offset = 0
-        for pixels, decoded in loader:
-            undecodable.extend(offset + i for i in torch.nonzero(~decoded).flatten().tolist())
-            chunks.append(self._encode_pixels(pixels))
-            offset += len(decoded)
+        chunks: list[np.ndarray] = []
+        undecodable: list[int] = []
+        if workers == 0:
+            for start in range(0, len(images), batch_size):
+                pixels, failed = decode_pil_batch(
+                    images[start : start + batch_size], self.preprocess, self.image_size
+                )
+                undecodable.extend(start + i for i in failed)
+                chunks.append(self._encode_pixels(torch.from_numpy(pixels)))
+                _report(progress, len(pixels))
+            return chunks, undecodable
+        pool = self._decode_pools.get(workers)
+        # a batch goes out in up to `workers` pieces, so even a one-batch shard spreads over every process; about
+        # two pieces per process are in flight, so they decode the next batch while the model encodes this one
+        pieces = _pieces(len(images), batch_size, math.ceil(batch_size / workers))
+        in_flight: deque[tuple[int, Future]] = deque()
+        batch_start = batch_end = 0
+        try:
+            for batch_start in range(0, len(images), batch_size):
+                batch_end = min(batch_start + batch_size, len(images))
+                parts = []
+                while pieces or in_flight:
+                    while pieces and len(in_flight) < 2 * workers:
+                        start, end = pieces.popleft()
+                        in_flight.append((start, pool.submit(list(images[start:end]))))
+                    if in_flight[0][0] >= batch_end:
+                        break
+                    start, future = in_flight.popleft()
+                    pixels, failed = _result(future)
+                    parts.append(pixels)
+                    undecodable.extend(start + i for i in failed)
+                batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
+                chunks.append(self._encode_pixels(torch.from_numpy(batch)))
+                _report(progress, batch_end - batch_start)
+        except BrokenProcessPool as error:
+            self._decode_pools.discard(pool)
+            what = f"decoding images {batch_start}-{batch_end - 1} of the {len(images)} of this call"
+            raise pool.died(what) from error
+        finally:
+            for _, future in in_flight:
+                future.cancel()
         return chunks, undecodable
 
+    def decode_process_ids(self) -> list[int]:
+        """The process ids of this encoder's decode processes (diagnostics: py-spy dump, a watchdog's report)."""
+        return self._decode_pools.process_ids()
+
     def _encode_images_tensor(
-        self, images: Sequence[bytes], batch_size: int
+        self, images: Sequence[bytes], batch_size: int, progress: Progress | None
     ) -> tuple[list[np.ndarray], list[int]]:
         chunks, undecodable = [], []
         for start in range(0, len(images), batch_size):
@@ -441,13 +732,26 @@ class ClipEncoder:
             chunks.append(
                 self._encode_pixels(resize_crop_normalise(tensors, self.preprocess_cfg, self.dtype))
             )
+            _report(progress, len(decoded))
         return chunks, undecodable
 
     @torch.inference_mode()
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 1024) -> np.ndarray:
-        """Captions -> (n, embed_dim) float16, L2-normalised rows (open_clip tokenizer, truncated to context)."""
+    def encode_texts(
+        self, texts: Sequence[str], batch_size: int = 1024, *, progress: Progress | None = None
+    ) -> np.ndarray:
+        """Captions -> (n, embed_dim) float16, L2-normalised rows (open_clip tokenizer, truncated to context).
+
+        progress: called after each encoded batch with its number of captions (a heartbeat).
+        """
         chunks = [np.empty((0, self.embed_dim), dtype=np.float16)]
         for start in range(0, len(texts), batch_size):
-            tokens = self.tokenizer(list(texts[start : start + batch_size])).to(self.device)
+            batch = list(texts[start : start + batch_size])
+            tokens = self.tokenizer(batch).to(self.device)
             chunks.append(_normalised_float16(self.model.encode_text(tokens)))
+            _report(progress, len(batch))
         return np.concatenate(chunks)
+
+
+def _report(progress: Progress | None, done: int) -> None:
+    if progress is not None:
+        progress(done)

@@ -32,6 +32,7 @@ from storage.layout import Layout
 from storage.schemas import EMBED_SCHEMA
 from tasks.harness import ShardStage, ShardSummary
 from tasks.stage import ShardOutcome, split_by_reason
+from tasks.watchdog import heartbeat
 
 HASH_THREADS = os.cpu_count() or 1
 
@@ -40,24 +41,39 @@ REASONS = {
 }
 
 
-def embed_shard(table: pa.Table, encoder: ClipEncoder, batch_size: int = 64) -> ShardOutcome:
-    """Decide every row of a VALIDATE_SCHEMA shard; survivors in EMBED_SCHEMA, arrays aligned with them."""
+def embed_shard(
+    table: pa.Table,
+    encoder: ClipEncoder,
+    batch_size: int = 64,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> ShardOutcome:
+    """Decide every row of a VALIDATE_SCHEMA shard; survivors in EMBED_SCHEMA, arrays aligned with them.
+
+    progress: a heartbeat, called after each batch the encoder finishes with its number of items (images, then
+    captions; the images are counted twice in the rare case that the encoder rejects some and runs again).
+    """
     images = table.column("image").to_pylist()
     # Hashing runs in threads while the encoder works (PIL releases the GIL): one core hashes ~900 img/s, so a
-    # serial loop would cap a GPU encoder (~12k img/s) at a fraction of its rate.
+    # serial loop would cap a GPU encoder (~12k img/s) at a fraction of its rate. Nothing in this stage forks
+    # while those threads run: the encoder's decode processes come from a forkserver (models/clip.py).
     hashing = hash_pool().map(_hash_or_error, images)
     reasons: list[str | None] = [None] * len(images)
     details: list[str | None] = [None] * len(images)
     candidates = [row for row, data in enumerate(images) if data is not None]
     try:
-        image_emb = encoder.encode_images([images[row] for row in candidates], batch_size=batch_size)
+        image_emb = encoder.encode_images(
+            [images[row] for row in candidates], batch_size=batch_size, progress=progress
+        )
     except UndecodableImageError as error:
         # rare (validate decoded every image): drop the rows the encoder named and encode the rest again
         rejected = {candidates[position] for position in error.indices}
         for row in rejected:
             reasons[row], details[row] = "unembeddable", "the CLIP encoder's decoder rejected the bytes"
         candidates = [row for row in candidates if row not in rejected]
-        image_emb = encoder.encode_images([images[row] for row in candidates], batch_size=batch_size)
+        image_emb = encoder.encode_images(
+            [images[row] for row in candidates], batch_size=batch_size, progress=progress
+        )
     hashes = list(hashing)
     for row, hashed in enumerate(hashes):
         # a failed hash's message names the decoder's complaint, so it replaces the encoder's vaguer one
@@ -66,7 +82,7 @@ def embed_shard(table: pa.Table, encoder: ClipEncoder, batch_size: int = 64) -> 
     embedded = [position for position, row in enumerate(candidates) if reasons[row] is None]
     kept_rows = [candidates[position] for position in embedded]
     captions = table.column("caption").to_pylist()
-    text_emb = encoder.encode_texts([captions[row] or "" for row in kept_rows])
+    text_emb = encoder.encode_texts([captions[row] or "" for row in kept_rows], progress=progress)
     outcome = split_by_reason(table, pa.array(reasons, pa.string()), pa.array(details, pa.string()))
     kept = outcome.kept.drop_columns(["image"]).append_column(
         "phash", pa.array([hashes[row] for row in kept_rows], pa.binary(HASH_BYTES))
@@ -105,8 +121,9 @@ def clip_spec(config: ClipConfig) -> ClipSpec:
 
 
 class SharedEncoder:
-    """A loaded encoder with the lock its users hold while encoding: stage tasks run in threads, and two
-    DataLoaders forking worker processes at once (or two batches on one GPU) gain nothing but risk."""
+    """A loaded encoder with the lock its users hold while encoding: stage tasks run in threads, and two shards
+    encoding at once (sharing its decode processes, the CPU cores or one GPU) gain nothing. The encoder is safe
+    to call from several threads without it; the lock is about throughput and memory."""
 
     def __init__(self, encoder: ClipEncoder) -> None:
         self.encoder = encoder
@@ -137,8 +154,15 @@ def _processor(config: PipelineConfig) -> Callable[[pa.Table], ShardOutcome]:
     shared = shared_encoder(config.clip)
 
     def process(table: pa.Table) -> ShardOutcome:
-        with shared.lock:
-            return embed_shard(table, shared.encoder, batch_size=config.clip.batch_size)
+        # waiting for another shard to finish encoding is not a stall of this one: keep beating meanwhile
+        while not shared.lock.acquire(timeout=1.0):
+            heartbeat()
+        try:
+            return embed_shard(
+                table, shared.encoder, batch_size=config.clip.batch_size, progress=lambda _n: heartbeat()
+            )
+        finally:
+            shared.lock.release()
 
     return process
 

@@ -25,7 +25,7 @@ os.environ.pop("PREFECT_API_URL", None)
 
 import pytest  # noqa: E402
 
-from tests.helpers import PrefectServer, free_port  # noqa: E402
+from tests.helpers import PrefectServer, free_port, missing_data, rs5m  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -36,10 +36,7 @@ def shared_data() -> Path:
     """../shared/data (real public data). CI always has it, so there its absence fails the test; elsewhere
     the tests that need it skip, saying why."""
     if not SHARED_DATA.is_dir():
-        message = f"../shared/data is absent ({SHARED_DATA}): this test needs the real public data"
-        if os.environ.get("CI", "").lower() in ("true", "1"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_data(f"../shared/data is absent ({SHARED_DATA}): this test needs the real public data")
     return SHARED_DATA
 
 
@@ -52,3 +49,19 @@ def prefect_server():
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, prefect_server, demo_port) -> Path:
+    """One uninterrupted `rs5m demo` run: the reference of tests/test_pipeline.py and test_crash_matrix.py
+    (marked xdist_group "demo", so that under pytest-xdist one worker makes it once for both)."""
+    workdir = tmp_path_factory.mktemp("demo-reference")
+    result = rs5m("demo", "--workdir", str(workdir), "--port", str(demo_port), env=prefect_server.env())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "Outputs in" in result.stdout
+    return workdir

@@ -12,8 +12,29 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 BIN = Path(sys.executable).parent
+DEMO_TIMEOUT_S = 300
+
+
+def rs5m(*args: str, env: dict[str, str], timeout: float = DEMO_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """The `rs5m` command of this environment, its output captured."""
+    return subprocess.run(
+        [str(BIN / "rs5m"), *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1")
+
+
+def missing_data(message: str) -> None:
+    """Real public data a test needs is absent: under CI (which always has ../shared) the test fails, elsewhere
+    it skips with the reason."""
+    if in_ci():
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
-from tests.helpers import BIN
+from tests.helpers import BIN, missing_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RS_CLASSES = ("aGrass", "cIndustry", "gParking")  # three RSSCN7 classes, 50 JPEGs each
@@ -84,7 +84,7 @@ def tiny_clip_dim() -> int:
 def user_folders(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     rsscn7 = shared_data / "rsscn7" / "images"
     if not all((rsscn7 / name).is_dir() for name in RS_CLASSES):
-        pytest.skip(f"RSSCN7 class folders {RS_CLASSES} absent under {rsscn7}")
+        missing_data(f"RSSCN7 class folders {RS_CLASSES} absent under {rsscn7}")
     root = tmp_path_factory.mktemp("train-detector")
     positives = root / "positives"
     for name in RS_CLASSES:

@@ -44,6 +44,7 @@ from tasks.filter import (
     score_and_filter,
     zero_shot_rs_probability,
 )
+from tests.helpers import missing_data
 
 TINY = ClipSpec("rs5m-tiny-vit", seed=0, device="cpu")
 
@@ -246,7 +247,7 @@ def non_rs_image(index: int) -> bytes:
 def detector_folders(shared_data: Path, tmp_path_factory) -> tuple[Path, Path]:
     images = shared_data / "rsscn7" / "images"
     if not images.is_dir():
-        pytest.skip(f"{images} is absent: the detector is trained on real RSSCN7 JPEGs")
+        missing_data(f"{images} is absent: the detector is trained on real RSSCN7 JPEGs")
     root = tmp_path_factory.mktemp("detector-data")
     positives, negatives = root / "rs", root / "other"
     for name in ("cIndustry", "fResident"):
@@ -341,7 +342,7 @@ def test_train_detector_command(detector_folders, tmp_path, capsys):
 def rsscn7_sample(shared_data: Path) -> list[bytes]:
     folder = shared_data / "rsscn7" / "images"
     if not folder.is_dir():
-        pytest.skip(f"{folder} is absent")
+        missing_data(f"{folder} is absent")
     return [sorted(d.glob("*.jpg"))[-1].read_bytes() for d in sorted(folder.iterdir())]
 
 

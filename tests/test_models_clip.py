@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import hashlib
 import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +25,13 @@ from PIL import Image
 from models.clip import (
     ClipSpec,
     ClipWeightsUnavailableError,
+    DecodeWorkerDiedError,
     UndecodableImageError,
     decode_to_uint8,
     load_clip,
     resize_crop_normalise,
 )
+from tests.helpers import missing_data
 
 TINY = "rs5m-tiny-vit"
 TINY_DIM = 64
@@ -56,7 +68,7 @@ def tiny() -> object:
 def rsscn7_paths(shared_data: Path) -> list[Path]:
     images = shared_data / "rsscn7" / "images"
     if not images.is_dir():
-        pytest.skip(f"{images} is absent: the reference comparison needs real RSSCN7 JPEGs")
+        missing_data(f"{images} is absent: the reference comparison needs real RSSCN7 JPEGs")
     # one per class, so the reference sees varied scenes
     return [sorted(folder.glob("*.jpg"))[0] for folder in sorted(images.iterdir())]
 
@@ -113,10 +125,193 @@ def test_random_init_leaves_the_global_rng_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_dataloader_workers_give_the_same_embeddings_as_in_process(tiny, synthetic_images):
-    in_process = tiny.encode_images(synthetic_images, batch_size=3, num_workers=0)
-    with_workers = tiny.encode_images(synthetic_images, batch_size=3, num_workers=2)
-    np.testing.assert_array_equal(with_workers, in_process)
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_decode_processes_give_the_same_embeddings_as_in_process(tiny, synthetic_images, workers):
+    images = synthetic_images * 3  # 24: several batches, each split over the processes
+    for batch_size in (3, 5, 64):
+        in_process = tiny.encode_images(images, batch_size=batch_size, num_workers=0)
+        with_workers = tiny.encode_images(images, batch_size=batch_size, num_workers=workers)
+        np.testing.assert_array_equal(with_workers, in_process)
+
+
+@pytest.mark.parametrize(("decoder", "workers"), [("pil", 0), ("pil", 2), ("torchvision", 0)])
+def test_progress_is_called_after_every_batch_with_its_size(synthetic_images, decoder, workers):
+    encoder = load_clip(ClipSpec(TINY, seed=0, device="cpu"), num_workers=workers, decoder=decoder)
+    images: list[int] = []
+    encoder.encode_images(synthetic_images, batch_size=3, progress=images.append)
+    assert images == [3, 3, 2]
+    texts: list[int] = []
+    encoder.encode_texts(["a", "b", "c"], batch_size=2, progress=texts.append)
+    assert texts == [2, 1]
+
+
+def run_bounded(call, timeout_s: float):
+    """call() in a daemon thread; fails with every thread's stack if it has not returned after timeout_s (a hang
+    must fail the test, not CI). Returns its result or raises its exception."""
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = call()
+        except BaseException as error:  # handed to the caller
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        names = {t.ident: t.name for t in threading.enumerate()}
+        stacks = "".join(
+            f"--- thread {names.get(ident, ident)}\n" + "".join(traceback.format_stack(frame))
+            for ident, frame in sys._current_frames().items()
+        )
+        pytest.fail(f"still running after {timeout_s} s; every thread's stack:\n{stacks}")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return True
+
+
+def wait_until_gone(pids: list[int], timeout_s: float = 15) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while (alive := [pid for pid in pids if process_alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive
+
+
+def test_a_killed_decode_process_is_a_clear_error_not_a_hang(synthetic_images):
+    encoder = load_clip(ClipSpec(TINY, seed=0, device="cpu"), num_workers=2)
+    images = synthetic_images * 12  # 96 images, batches of 4: far more pieces than are ever in flight
+    expected = encoder.encode_images(images, batch_size=4, num_workers=0)
+    encoder.encode_images(images[:8], batch_size=4)  # starts the decode processes
+    started = encoder.decode_process_ids()
+    victim = started[0]
+    batches: list[int] = []
+
+    def kill_after_the_first_batch(done: int) -> None:
+        if not batches:
+            os.kill(victim, signal.SIGKILL)
+            wait_until_gone([victim])
+        batches.append(done)
+
+    with pytest.raises(DecodeWorkerDiedError) as caught:
+        run_bounded(
+            lambda: encoder.encode_images(images, 4, progress=kill_after_the_first_batch), timeout_s=60
+        )
+    message = str(caught.value)
+    assert isinstance(caught.value, BrokenProcessPool)
+    assert f"pid {victim} killed by SIGKILL" in message
+    assert "decode process of the CLIP encoder died while decoding images" in message
+    assert len(batches) < 96 // 4
+    assert wait_until_gone(started) == []  # the broken pool stopped the others too
+    # the next call starts new processes and is complete and right
+    np.testing.assert_array_equal(run_bounded(lambda: encoder.encode_images(images, 4), 60), expected)
+    assert set(encoder.decode_process_ids()).isdisjoint(started)
+
+
+class Stalled(RuntimeError):
+    """Raised into a thread from outside, as tasks/watchdog.py raises ShardStalled into a stalled shard."""
+
+
+def test_a_caller_waiting_on_stopped_decode_processes_takes_an_asynchronous_exception(synthetic_images):
+    encoder = load_clip(ClipSpec(TINY, seed=0, device="cpu"), num_workers=2)
+    expected = encoder.encode_images(synthetic_images, batch_size=4)  # starts the decode processes
+    pids = encoder.decode_process_ids()
+    outcome: dict[str, object] = {}
+    waiting = threading.Event()
+
+    def encode() -> None:
+        waiting.set()
+        try:
+            outcome["result"] = encoder.encode_images(synthetic_images, batch_size=4)
+        except Stalled as error:
+            outcome["error"] = error
+
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)  # a decode process that never answers
+    try:
+        thread = threading.Thread(target=encode, daemon=True)
+        thread.start()
+        waiting.wait()
+        time.sleep(0.5)
+        assert thread.is_alive()
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(Stalled))
+        thread.join(10)
+        assert not thread.is_alive(), "the waiting caller did not take the exception"
+        assert isinstance(outcome.get("error"), Stalled)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    # the processes go on; the pool still serves later calls
+    np.testing.assert_array_equal(
+        run_bounded(lambda: encoder.encode_images(synthetic_images, 4), 60), expected
+    )
+
+
+def test_decode_processes_stop_on_close_and_when_the_encoder_is_dropped(synthetic_images):
+    encoder = load_clip(ClipSpec(TINY, seed=0, device="cpu"), num_workers=2)
+    encoder.encode_images(synthetic_images, batch_size=4)
+    first = encoder.decode_process_ids()
+    assert first
+    encoder.close()
+    assert wait_until_gone(first) == []
+    assert encoder.decode_process_ids() == []
+    encoder.encode_images(synthetic_images, batch_size=4)  # usable again after close()
+    second = encoder.decode_process_ids()
+    assert second and set(second).isdisjoint(first)
+    del encoder
+    gc.collect()
+    assert wait_until_gone(second) == []
+
+
+def stuck_decode_process_at_exit() -> None:
+    """The child of test_exit_does_not_wait_for_ever_on_a_stuck_decode_process."""
+    encoder = load_clip(ClipSpec(TINY, seed=0, device="cpu"), num_workers=1)
+    images = [_encode_pil(Image.new("RGB", (64, 64), "green"), "JPEG")] * 8
+    encoder.encode_images(images, batch_size=4)
+    (pid,) = encoder.decode_process_ids()
+    os.kill(pid, signal.SIGSTOP)  # stuck in a decoder, as far as anyone can tell
+    threading.Thread(target=encoder.encode_images, args=(images, 4), daemon=True).start()
+    time.sleep(1)
+    print("exiting with a decode process stuck in a piece", flush=True)
+
+
+def test_exit_does_not_wait_for_ever_on_a_stuck_decode_process(tmp_path):
+    from tests.test_embed import live_group_members
+
+    log = tmp_path / "child.log"
+    code = "from tests.test_models_clip import stuck_decode_process_at_exit as f; f()"
+    with log.open("w") as out:
+        child = subprocess.Popen(
+            [sys.executable, "-c", code],
+            cwd=Path(__file__).resolve().parents[1],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            returncode = child.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            returncode = None
+    output = log.read_text()
+    deadline = time.monotonic() + 15
+    while (leftovers := live_group_members(child.pid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if leftovers or returncode is None:
+        os.killpg(child.pid, signal.SIGKILL)
+    assert returncode == 0, f"exit code {returncode} (None: still running after 180 s):\n{output[-20000:]}"
+    assert "exiting with a decode process stuck" in output
+    assert not leftovers, f"processes still running 15 s after the child exited: {leftovers}"
 
 
 def test_matches_a_bare_open_clip_reference_loop(tiny, rsscn7_paths):
@@ -150,9 +345,9 @@ def test_tensor_decoder_matches_the_pil_path(tiny, synthetic_images):
     assert cosines.min() > 0.9995
 
 
-@pytest.mark.parametrize("decoder", ["pil", "torchvision"])
-def test_undecodable_images_raise_naming_every_position(decoder, synthetic_images):
-    encoder = load_clip(ClipSpec(TINY, seed=0, device="cpu"), num_workers=0, decoder=decoder)
+@pytest.mark.parametrize(("decoder", "workers"), [("pil", 0), ("pil", 2), ("torchvision", 0)])
+def test_undecodable_images_raise_naming_every_position(decoder, workers, synthetic_images):
+    encoder = load_clip(ClipSpec(TINY, seed=0, device="cpu"), num_workers=workers, decoder=decoder)
     truncated_jpeg = synthetic_images[0][:100]
     images = [synthetic_images[0], b"<html>not an image</html>", synthetic_images[1], truncated_jpeg]
     with pytest.raises(UndecodableImageError, match="2 of 4 images") as caught:

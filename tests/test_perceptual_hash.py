@@ -11,6 +11,7 @@ from PIL import Image
 
 from models import perceptual_hash
 from models.perceptual_hash import DEFAULT_MAX_DISTANCE, dct_hashes, dihedral_variants, hash_neighbours
+from tests.helpers import missing_data
 
 T = Image.Transpose
 
@@ -52,7 +53,7 @@ def rsscn7_images(shared_data: Path) -> list[bytes]:
     folder = shared_data / "rsscn7" / "images"
     paths = sorted(folder.glob("*/*.jpg"))
     if not paths:
-        pytest.skip(f"no RSSCN7 images under {folder}: this test needs the real public data")
+        missing_data(f"no RSSCN7 images under {folder}: this test needs the real public data")
     return [path.read_bytes() for path in paths]
 
 

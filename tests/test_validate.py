@@ -17,8 +17,8 @@ from PIL import Image, ImageFile
 from rs5m.config import ValidateConfig
 from storage.schemas import DECISION_SCHEMA, DOWNLOAD_SCHEMA, DROPPED, KEPT, VALIDATE_SCHEMA
 from tasks.validate import REASONS, validate_shard
+from tests.helpers import missing_data
 
-RSSCN7 = Path("/work/shared/data/rsscn7")
 CONFIG = ValidateConfig()
 
 
@@ -253,10 +253,11 @@ def test_empty_and_multi_chunk_shards():
 
 
 @pytest.fixture(scope="module")
-def rsscn7_images() -> list[bytes]:
-    if not RSSCN7.is_dir():
-        pytest.skip(f"RSSCN7 sample not present at {RSSCN7} (see its README for how it was extracted)")
-    paths = sorted(RSSCN7.glob("images/*/*.jpg"))
+def rsscn7_images(shared_data: Path) -> list[bytes]:
+    rsscn7 = shared_data / "rsscn7"
+    if not rsscn7.is_dir():
+        missing_data(f"RSSCN7 sample not present at {rsscn7} (see its README for how it was extracted)")
+    paths = sorted(rsscn7.glob("images/*/*.jpg"))
     assert len(paths) == 350
     return [path.read_bytes() for path in paths]
 
