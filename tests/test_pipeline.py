@@ -26,7 +26,8 @@ from storage.lock import workdir_lock
 from tests.helpers import BIN, DEMO_TIMEOUT_S, rs5m
 
 STAGES = ["ingest", "keyword", "download", "validate", "embed", "filter", "dedup", "decontaminate", "shard"]
-pytestmark = pytest.mark.xdist_group(name="demo")  # shares the session's demo run with tests/test_crash_matrix.py
+# shares the session's demo run with tests/test_crash_matrix.py
+pytestmark = pytest.mark.xdist_group(name="demo")
 
 
 def report_json(workdir: Path, env: dict[str, str] | None = None) -> dict:
