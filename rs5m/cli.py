@@ -14,7 +14,7 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 def _stage_list(text: str) -> list[str]:
-    from tasks.pipeline import STAGE_ORDER
+    from tasks.pipeline import STAGE_ORDER  # every pipeline's stages
 
     stages = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGE_ORDER]
@@ -30,18 +30,26 @@ def _stage_list(text: str) -> list[str]:
 EXIT_BUSY = 3
 
 
-def run_pipeline(config: PipelineConfig, stages: list[str] | None, wait: bool = False) -> int:
+def run_pipeline(
+    config: PipelineConfig,
+    stages: list[str] | None,
+    wait: bool = False,
+    pipelines: list[str] | None = None,
+) -> int:
     import os
 
-    from flows.pub11 import pub11_flow
+    from flows.pipelines import rs5m_flow
     from storage.layout import Layout
     from storage.lock import workdir_lock
     from tasks.pipeline import check_config
 
-    check_config(config, stages)  # a bad model, detector or eval folder fails here, before any stage runs
+    # a bad model, detector or eval folder fails here, before any stage runs
+    check_config(config, stages, pipelines)
     # taken here too (the flow takes it again), so a busy work directory is one line and no Prefect run
     with workdir_lock(Layout(config.workdir), f"starting (rs5m pid {os.getpid()})", wait=wait, on_wait=_say):
-        state = pub11_flow(config=config, stages=stages, wait_for_lock=wait, return_state=True)
+        state = rs5m_flow(
+            config=config, pipelines=pipelines, stages=stages, wait_for_lock=wait, return_state=True
+        )
     if state.is_completed():
         return 0
     print(f"\nrun {state.name.lower()}: {state.message}", file=sys.stderr)
@@ -57,7 +65,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.workdir:
         config = config.model_copy(update={"workdir": Path(args.workdir).resolve()})
-    return run_pipeline(config, args.stages, wait=args.wait)
+    if args.pipeline and args.pipeline != "release":
+        configured = {"pub11": bool(config.sources), "rs3": config.rs3 is not None}
+        if not configured[args.pipeline]:
+            raise ConfigError(f"--pipeline {args.pipeline}: the config has no {args.pipeline} sources")
+    pipelines = None if args.pipeline is None else ([] if args.pipeline == "release" else [args.pipeline])
+    return run_pipeline(config, args.stages, wait=args.wait, pipelines=pipelines)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -150,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--stages", type=_stage_list, help="comma-separated stages to run, e.g. keyword,download"
     )
     run.add_argument("--workdir", help="override the config's workdir")
+    run.add_argument(
+        "--pipeline",
+        choices=["pub11", "rs3", "release"],
+        help="run only this data pipeline (then the release over every pipeline the config has), or only "
+        "the release; default: every pipeline the config has, then the release",
+    )
     run.add_argument(
         "--wait",
         action="store_true",

@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 # Fields that change only how fast a stage runs, never what it outputs: left out of stage fingerprints.
 _SPEED_ONLY = {"affects_output": False}
@@ -232,6 +240,77 @@ class ShardConfig(Strict):
     webdataset: bool = Field(False, description="Also export the same samples as WebDataset tar shards.")
 
 
+SourceName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
+RS3_FORMATS = ("fmow", "bigearthnet", "image_folder")
+
+
+class Rs3SourceConfig(Strict):
+    """One label-only remote-sensing dataset, read in its own on-disk layout (README: RS3)."""
+
+    name: SourceName
+    format: Literal["fmow", "bigearthnet", "image_folder"]
+    path: str = Field(
+        description="fmow: a split folder of fMoW-rgb (<category>/<category>_<id>/...); bigearthnet: the v1 "
+        "folder of patch folders, or the v2 folder holding metadata.parquet; image_folder: a folder of images "
+        "(MillionAID, your own), searched recursively."
+    )
+    views: list[Literal["rgb", "msrgb"]] = Field(
+        default_factory=lambda: ["rgb"],
+        min_length=1,
+        description="fmow only: which JPEG of each capture to take (msrgb is the same capture, pan-sharpened "
+        "multispectral: a near-duplicate of rgb).",
+    )
+    class_from_folder: bool = Field(
+        True, description="image_folder only: the image's parent folder name is its class (MillionAID train)."
+    )
+    metadata: str | None = Field(
+        None,
+        description="image_folder only: a CSV or JSONL with a `file` column (path relative to `path`) and any of "
+        "`class`, `lat`, `lon`, `time`; default: metadata.csv or metadata.jsonl in the folder, if there is one.",
+    )
+
+    @model_validator(mode="after")
+    def _options_fit_the_format(self) -> Rs3SourceConfig:
+        if self.format != "fmow" and self.views != ["rgb"]:
+            raise ValueError("views applies to fmow only")
+        if self.format != "image_folder" and self.metadata is not None:
+            raise ValueError("metadata applies to image_folder only")
+        return self
+
+
+class MetaCaptionConfig(Strict):
+    """How meta captions are filled from each image's metadata (README: Meta captions)."""
+
+    templates: str = Field(
+        "rs5m-v1",
+        description="Shipped template set version (RS5M's geometa templates) or a path to a JSON file.",
+    )
+    season: Literal["hemisphere", "rs5m"] = Field(
+        "hemisphere",
+        description="hemisphere: the season of the month at the image's latitude; rs5m: RS5M's rule "
+        "(December-February is winter everywhere).",
+    )
+    utm_zone: Literal["latitude_band", "rs5m"] = Field(
+        "latitude_band",
+        description="BigEarthNet's zone as zone number + latitude band (29U); rs5m: with the hemisphere "
+        "letter (29N), as RS5M wrote it.",
+    )
+
+
+class Rs3Config(Strict):
+    sources: list[Rs3SourceConfig] = Field(min_length=1)
+    shard_rows: int = Field(
+        1000, ge=1, description="Images per RS3 shard (they are read whole: keep a shard's images in memory)."
+    )
+    meta: MetaCaptionConfig = MetaCaptionConfig()
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[Rs3SourceConfig]) -> list[Rs3SourceConfig]:
+        _check_unique("source", [s.name for s in sources])
+        return sources
+
+
 class RunnerConfig(Strict):
     shard_concurrency: int = Field(2, ge=1, description="Shards processed at once by CPU stages.")
     download_concurrency: int = Field(
@@ -254,7 +333,11 @@ class RunnerConfig(Strict):
 
 class PipelineConfig(Strict):
     workdir: Path
-    sources: list[SourceConfig] = Field(min_length=1)
+    sources: list[SourceConfig] = Field(
+        default_factory=list,
+        description="Web image-text sources: the PUB11 pipeline runs when there are any.",
+    )
+    rs3: Rs3Config | None = Field(None, description="Label-only RS datasets: the RS3 pipeline runs when set.")
     ingest: IngestConfig = IngestConfig()
     keyword: KeywordConfig = KeywordConfig()
     download: DownloadConfig = DownloadConfig()
@@ -270,13 +353,26 @@ class PipelineConfig(Strict):
 
     @field_validator("sources")
     @classmethod
-    def _unique_names(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
-        _check_unique("source", [s.name for s in sources])
+    def _some_sources_with_unique_names(
+        cls, sources: list[SourceConfig], info: ValidationInfo
+    ) -> list[SourceConfig]:
+        rs3 = info.data.get("rs3")
+        if not sources and rs3 is None:
+            raise ValueError(
+                "no sources: give web `sources:` (the PUB11 pipeline), `rs3: {sources: [...]}` (RS3), or both"
+            )
+        # names key shards across pipelines: a web source and an RS3 source may not share one
+        _check_unique("source", [s.name for s in sources] + [s.name for s in (rs3.sources if rs3 else [])])
         return sources
 
-    def section(self, name: str) -> BaseModel:
-        """A config section by its YAML name (`validate` is stored as `validate_`)."""
-        return getattr(self, "validate_" if name == "validate" else name)
+    def section(self, name: str) -> BaseModel | None:
+        """A config section by its YAML name (`validate` is stored as `validate_`), dotted for a part of one
+        (`rs3.meta`); None for a section the config leaves out (rs3)."""
+        head, _, rest = name.partition(".")
+        section = getattr(self, "validate_" if head == "validate" else head)
+        for part in rest.split(".") if rest else []:
+            section = None if section is None else getattr(section, part)
+        return section
 
 
 class ConfigError(ValueError):
@@ -322,8 +418,23 @@ def parse_config(
                     ]
                 }
             ),
+            "rs3": _resolve_rs3(config.rs3, base_dir) if config.rs3 is not None else None,
         }
     )
+
+
+def _resolve_rs3(rs3: Rs3Config, base_dir: Path) -> Rs3Config:
+    sources = [
+        s.model_copy(
+            update={
+                "path": str(_resolve_path(s.path, base_dir)),
+                "metadata": None if s.metadata is None else str(_resolve_path(s.metadata, base_dir)),
+            }
+        )
+        for s in rs3.sources
+    ]
+    meta = rs3.meta.model_copy(update={"templates": _resolve_list(rs3.meta.templates, base_dir)})
+    return rs3.model_copy(update={"sources": sources, "meta": meta})
 
 
 def _resolve_path(value: str, base_dir: Path) -> Path:

@@ -10,14 +10,15 @@ from storage.catalog import COMPLETE, catalog_root, open_catalog, stage_states
 from storage.layout import Layout
 from storage.markers import read_manifest
 from storage.runs import effective_status, read_run_records
-from tasks.pipeline import PUB11_STAGES, STAGE_ORDER, StageInfo, refresh_pub11_catalog
+from tasks.harness import Stage
+from tasks.pipeline import STAGES, refresh_workdir_catalog, workdir_stage_order
 
 SourceCounts = dict[str, Any]  # {"in": n, "kept": n, "dropped": {reason: n}}
 
 
 @dataclass(frozen=True)
 class StageFunnel:
-    info: StageInfo
+    info: Stage
     status: str
     sources: dict[str, SourceCounts] = field(default_factory=dict)
 
@@ -25,9 +26,9 @@ class StageFunnel:
         counts = self.sources.get(source)
         if counts is None:
             return 0
-        if self.info.measure == "dropped":
+        if self.info.report.measure == "dropped":
             return sum(counts["dropped"].values())
-        return counts[self.info.measure]
+        return counts[self.info.report.measure]
 
 
 RANDOM_WEIGHTS_NOTE = (
@@ -70,7 +71,7 @@ class FunnelReport:
         return {
             "workdir": self.workdir,
             "stages": [
-                {"stage": s.info.name, "rs5m_column": s.info.rs5m_column, "sources": s.sources}
+                {"stage": s.info.name, "rs5m_column": s.info.report.column, "sources": s.sources}
                 for s in self.complete
             ],
             "incomplete": [
@@ -87,8 +88,9 @@ class FunnelReport:
 def load_funnel(layout: Layout) -> FunnelReport:
     if catalog_root(layout) != layout.root:
         # a moved or copied work directory: its views still name the files at the old place
-        refresh_pub11_catalog(layout)
-    status = {state.stage: state.status for state in stage_states(layout, STAGE_ORDER)}
+        refresh_workdir_catalog(layout)
+    order = workdir_stage_order(layout)
+    status = {state.stage: state.status for state in stage_states(layout, order)}
     con = open_catalog(layout)
     try:
         rows = con.sql("SELECT stage, source, fate, reason, n FROM funnel").fetchall()
@@ -110,8 +112,7 @@ def load_funnel(layout: Layout) -> FunnelReport:
         else:
             counts["dropped"][reason] = counts["dropped"].get(reason, 0) + n
     stages = [
-        StageFunnel(info, status.get(info.name, "not_run"), per_stage.get(info.name, {}))
-        for info in PUB11_STAGES
+        StageFunnel(STAGES[name], status.get(name, "not_run"), per_stage.get(name, {})) for name in order
     ]
     complete = [s for s in stages if s.status == COMPLETE]
     manifest = read_manifest(layout, complete[-1].info.name) if complete else None
@@ -149,7 +150,7 @@ def _uses_random_weights(records: list[dict[str, Any]], stages: list[StageFunnel
 def _matrix(report: FunnelReport) -> tuple[list[str], list[list[str]]]:
     """Sources by complete stages, each cell the number RS5M's table reports for that stage (the last
     stage's column is RS5M's `remain`)."""
-    header = ["source", *(f"{s.info.rs5m_column} ({s.info.name})" for s in report.complete)]
+    header = ["source", *(f"{s.info.report.column} ({s.info.name})" for s in report.complete)]
     rows = []
     for name in [*report.sources, "total"]:
         names = report.sources if name == "total" else [name]
@@ -163,7 +164,7 @@ def _reasons(counts: SourceCounts) -> str:
 
 
 def funnel_text(report: FunnelReport) -> str:
-    lines = [f"PUB11 funnel for {report.workdir}", ""]
+    lines = [f"RS5M funnel for {report.workdir}", ""]
     if not report.complete:
         lines.append("No stage has completed yet.")
     else:
@@ -178,11 +179,11 @@ def funnel_text(report: FunnelReport) -> str:
             )
         lines += [
             "",
-            "Per stage (in -> kept; dropped by reason). RS5M column: what RS5M's PUB11 table reports for it.",
+            "Per stage (in -> kept; dropped by reason). RS5M column: what RS5M's tables report for it.",
         ]
         for stage in report.complete:
             lines.append(
-                f"  {stage.info.name} [RS5M: {stage.info.rs5m_column}, the {stage.info.measure} count]"
+                f"  {stage.info.name} [RS5M: {stage.info.report.column}, the {stage.info.report.measure} count]"
             )
             for name, counts in sorted(stage.sources.items()):
                 lines.append(f"    {name}: {counts['in']} -> {counts['kept']} ({_reasons(counts)})")
@@ -210,7 +211,7 @@ def _overlap(report: FunnelReport) -> str:
 
 
 def funnel_markdown(report: FunnelReport, workdir: str) -> str:
-    lines = [f"# PUB11 funnel\n\nWork directory: `{workdir}`\n"]
+    lines = [f"# RS5M funnel\n\nWork directory: `{workdir}`\n"]
     if report.complete:
         header, rows = _matrix(report)
         lines.append("| " + " | ".join(header) + " |")
@@ -230,7 +231,7 @@ def funnel_table_rows(report: FunnelReport) -> list[dict[str, Any]]:
     return [
         {
             "stage": stage.info.name,
-            "rs5m_column": stage.info.rs5m_column,
+            "rs5m_column": stage.info.report.column,
             "source": name,
             "in": counts["in"],
             "kept": counts["kept"],

@@ -25,7 +25,7 @@ import duckdb
 from storage.atomic import atomic_path
 from storage.layout import Layout
 from storage.lock import is_held
-from storage.markers import Manifest, manifest_identity, read_manifest
+from storage.markers import Manifest, read_manifest, upstreams_identity
 
 COMPLETE, STALE, RUNNING, FAILED, INTERRUPTED, NOT_RUN = (
     "complete",
@@ -46,13 +46,14 @@ class StageState:
 
 def stage_states(layout: Layout, stage_order: Sequence[str]) -> list[StageState]:
     """Each stage's status, derived from the manifests: a stage is current only if it was built on the
-    upstream manifest that exists now, and every stage before it is current. A stage without a manifest
-    that has started is running while a writer holds the work directory, failed if its run said so, and
-    interrupted otherwise (its run was killed)."""
+    manifests its upstream stages have now, and they are all current. A manifest names its upstreams (one,
+    or several for the release; an older manifest without them was built on the stage before it). A stage
+    without a manifest that has started is running while a writer holds the work directory, failed if its
+    run said so, and interrupted otherwise (its run was killed)."""
     states: list[StageState] = []
-    upstream_current, upstream_identity_now = True, None
+    status_of: dict[str, str] = {}
     writer_active: bool | None = None
-    for stage in stage_order:
+    for position, stage in enumerate(stage_order):
         manifest = read_manifest(layout, stage)
         if manifest is None:
             started = _started_record(layout, stage)
@@ -63,13 +64,13 @@ def stage_states(layout: Layout, stage_order: Sequence[str]) -> list[StageState]
             else:
                 writer_active = is_held(layout) if writer_active is None else writer_active
                 status = RUNNING if writer_active else INTERRUPTED
-        elif upstream_current and manifest.upstream_identity == upstream_identity_now:
-            status = COMPLETE
         else:
-            status = STALE
+            upstreams = manifest.upstreams or list(stage_order[position - 1 : position])
+            current = all(status_of.get(upstream) == COMPLETE for upstream in upstreams)
+            built_on_now = manifest.upstream_identity == upstreams_identity(layout, upstreams)
+            status = COMPLETE if current and built_on_now else STALE
+        status_of[stage] = status
         states.append(StageState(stage, status, manifest))
-        upstream_current = status == COMPLETE
-        upstream_identity_now = manifest_identity(layout, stage)
     return states
 
 

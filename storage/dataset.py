@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 
 from storage.atomic import atomic_path, fsync_dir, sha256_file, write_json
 from storage.layout import Layout
+from storage.schemas import META_CAPTION_FIELDS, RS3_METADATA_FIELDS
 
 SPLITS = ("train", "val")
 FORMAT_VERSION = 1
@@ -64,6 +65,10 @@ DATASET_SCHEMA = pa.schema(
         pa.field("matched_keyword", pa.string()),
         pa.field("extra", pa.string()),  # the source's other columns, a JSON object
         pa.field("split", pa.string(), nullable=False),
+        pa.field("subset", pa.string(), nullable=False),  # pub11 (web pairs) | rs3 (captioned RS datasets)
+        # RS3 rows only (null for pub11): the meta caption and the metadata it was built from
+        *META_CAPTION_FIELDS,
+        *(f.with_nullable(True) for f in RS3_METADATA_FIELDS),
     ]
 )
 
@@ -73,7 +78,7 @@ ROW_GROUP_ROWS = 256
 ROW_GROUP_IMAGE_BYTES = 64 << 20
 # Dictionary encoding and min/max statistics only where they help: never on the image bytes (statistics
 # would copy two images per row group into the footer).
-_DICTIONARY_COLUMNS = ["image_format", "source", "matched_keyword", "split"]
+_DICTIONARY_COLUMNS = ["image_format", "source", "matched_keyword", "split", "subset"]
 _STATISTICS_COLUMNS = [name for name in DATASET_SCHEMA.names if name != "image"]
 _COMPRESSION = {name: ("none" if name == "image" else "zstd") for name in DATASET_SCHEMA.names}
 

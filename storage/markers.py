@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,19 +20,6 @@ from pydantic import BaseModel
 
 from storage.atomic import remove_durably, sha256_file, write_json
 from storage.layout import Layout
-
-# Bump a stage's version when its code changes what it outputs: every shard of it reruns.
-STAGE_CODE_VERSIONS = {
-    "ingest": "1",
-    "keyword": "1",
-    "download": "1",
-    "validate": "1",
-    "embed": "1",
-    "filter": "1",
-    "dedup": "1",
-    "decontaminate": "1",
-    "shard": "1",
-}
 
 
 def output_fields(section: BaseModel) -> dict[str, Any]:
@@ -59,13 +46,17 @@ def _plain(value: Any) -> Any:
 
 
 def stage_fingerprint(
-    stage: str, sections: dict[str, BaseModel], identity: dict[str, str] | None = None
+    stage: str, sections: dict[str, BaseModel | None], identity: dict[str, str], code_version: str
 ) -> str:
+    """A hash of everything that decides what a stage writes: its name, the output-affecting fields of its
+    config sections, the identity of what it reads besides (lists, models) and its code version."""
     payload = {
         "stage": stage,
-        "config": {name: output_fields(section) for name, section in sorted(sections.items())},
-        "identity": identity or {},
-        "code_version": STAGE_CODE_VERSIONS[stage],
+        "config": {
+            name: None if section is None else output_fields(section) for name, section in sorted(sections.items())
+        },
+        "identity": identity,
+        "code_version": code_version,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -166,6 +157,7 @@ class Manifest:
     failed_sources: dict[str, str]  # source -> error, for sources that could not be read
     run_id: str
     finished_at: str
+    upstreams: list[str] = field(default_factory=list)  # the stages it was built on
 
 
 def write_manifest(layout: Layout, manifest: Manifest) -> None:
@@ -191,6 +183,15 @@ def manifest_identity(layout: Layout, stage: str) -> str | None:
         "failed": manifest.failed_sources,
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def upstreams_identity(layout: Layout, upstreams: Sequence[str]) -> str | None:
+    """The identity of what a stage reads now: its upstream's manifest identity (one upstream), a hash of
+    them all (several: the release), None (a first stage)."""
+    identities = [manifest_identity(layout, upstream) for upstream in upstreams]
+    if len(identities) <= 1:
+        return identities[0] if identities else None
+    return hashlib.sha256(json.dumps(identities).encode()).hexdigest()
 
 
 def invalidate_manifest(layout: Layout, stage: str) -> None:

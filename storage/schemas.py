@@ -69,3 +69,44 @@ FILTER_SCHEMA = pa.schema(
 )
 DEDUP_SCHEMA = pa.schema([*FILTER_SCHEMA, pa.field("group_id", pa.string())])
 DECONTAMINATE_SCHEMA = DEDUP_SCHEMA
+
+# RS3: label-only remote-sensing datasets read in their own layouts (tasks/rs3/). Every row of every RS3
+# format carries all of these columns, null where its format has no such field.
+BOUNDING_BOX = pa.struct(
+    [
+        pa.field("id", pa.int64()),
+        pa.field("box", pa.list_(pa.int64())),  # [x, y, width, height] in pixels of the image
+        pa.field("category", pa.string()),
+        pa.field("raw_location", pa.string()),  # WKT POLYGON ((lon lat, ...))
+    ]
+)
+RS3_METADATA_FIELDS = [
+    pa.field("file", pa.string(), nullable=False),  # the image file, or BigEarthNet patch, relative to the source
+    pa.field("view", pa.string()),  # fmow: rgb | msrgb
+    pa.field("class_label", pa.string()),  # fmow category, image-folder class (underscores kept)
+    pa.field("labels", pa.list_(pa.string())),  # BigEarthNet's multi-labels
+    pa.field("timestamp", pa.timestamp("ms", tz="UTC")),  # acquisition time (Parquet keeps ms, not s)
+    pa.field("latitude", pa.float64()),  # where the image is, for place and hemisphere (README: RS3)
+    pa.field("longitude", pa.float64()),
+    pa.field("country_code", pa.string()),  # as the dataset gives it (fmow: ISO 3166-1 alpha-3)
+    pa.field("utm_zone", pa.string()),  # zone number and latitude band, "32T"
+    pa.field("gsd", pa.float64()),  # ground sample distance, metres
+    pa.field("multi_resolution", pa.float64()),  # fmow multi_resolution_dbl
+    pa.field("cloud_cover", pa.float64()),  # percent
+    pa.field("scan_direction", pa.string()),
+    pa.field("target_azimuth", pa.float64()),  # degrees
+    pa.field("off_nadir_angle", pa.float64()),  # degrees
+    pa.field("img_width", pa.int32()),  # as the metadata declares
+    pa.field("img_height", pa.int32()),
+    pa.field("bounding_boxes", pa.list_(BOUNDING_BOX)),
+    pa.field("raw_location", pa.string()),  # the image footprint, WKT
+    pa.field("tile_source", pa.string()),  # BigEarthNet: the Sentinel-2 product
+    pa.field("extra_metadata", pa.string()),  # anything else the source gives, a JSON object
+]
+# What the meta-caption stage adds to RS3 rows (tasks/meta_caption.py); `caption` is then the final caption.
+META_CAPTION_FIELDS = [
+    pa.field("meta_caption", pa.string()),  # null when no template could be filled
+    pa.field("meta_template", pa.string()),  # which template: "<family>/<index>"
+    pa.field("country", pa.string()),  # reverse-geocoded from latitude/longitude (offline)
+    pa.field("city", pa.string()),
+]

@@ -33,8 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from models.clip import file_sha256
 from models.near_duplicates import embedding_neighbours
@@ -42,10 +40,9 @@ from models.perceptual_hash import dct_hash, hash_neighbours
 from rs5m.config import DecontaminateConfig, EvalSetConfig, PipelineConfig
 from storage.atomic import write_bytes
 from storage.layout import Layout
-from storage.schemas import DECONTAMINATE_SCHEMA
 from tasks.dedup import phash_matrix
 from tasks.embed import model_identity, shared_encoder
-from tasks.harness import ShardStage, ShardSummary
+from tasks.harness import Report, ShardStage
 from tasks.stage import ShardOutcome, decisions
 
 REASONS = {
@@ -237,15 +234,11 @@ def _process(
 DECONTAMINATE = ShardStage(
     name="decontaminate",
     upstream="dedup",
-    schema=DECONTAMINATE_SCHEMA,
     reasons=REASONS,
     sections=("clip", "decontaminate"),
+    code_version="1",
+    report=Report("(ours) eval-set copies removed", "dropped"),
     make_processor=_processor,
     identity=eval_identity,
     upstream_arrays=("image",),
 )
-
-
-@task(name="decontaminate-shard", task_run_name="decontaminate-{shard_id}", cache_policy=NO_CACHE)
-def decontaminate_task(workdir: str, shard_id: str, config: PipelineConfig, run_id: str) -> ShardSummary:
-    return DECONTAMINATE.run(Layout(workdir), shard_id, config, run_id)

@@ -40,15 +40,12 @@ import functools
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from models.near_duplicates import Pairs, embedding_neighbours, group_by_keeper
 from models.perceptual_hash import HASH_BYTES, hash_neighbours
 from rs5m.config import DedupConfig, PipelineConfig
-from storage.layout import Layout
 from storage.schemas import DEDUP_SCHEMA
-from tasks.harness import GlobalStage, ShardSummary
+from tasks.harness import GlobalStage, Report
 from tasks.stage import ShardOutcome, decisions
 
 REASONS = {
@@ -134,7 +131,8 @@ def _empty_pairs() -> Pairs:
 def dedup_shards(
     tables: dict[str, pa.Table], arrays: dict[str, dict[str, np.ndarray]], config: DedupConfig
 ) -> dict[str, ShardOutcome]:
-    """Decide every row of every FILTER_SCHEMA shard; survivors in DEDUP_SCHEMA with their arrays."""
+    """Decide every row of every shard (each with sample_id, url, sha256, phash and clip_score: FILTER_SCHEMA,
+    or RS3's rows); survivors keep their columns and gain group_id (DEDUP_SCHEMA), with their arrays."""
     shards = sorted(tables)
     sizes = [tables[shard].num_rows for shard in shards]
     bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -258,7 +256,7 @@ def _outcome(
         "group_id", pa.array([g for g, k in zip(group_ids, keep, strict=True) if k], pa.string())
     )
     return ShardOutcome(
-        kept=kept.select(DEDUP_SCHEMA.names).cast(DEDUP_SCHEMA),
+        kept=kept,
         decisions=decisions(
             table.column("sample_id"),
             table.column("source"),
@@ -272,17 +270,21 @@ def _outcome(
     )
 
 
+def _release_inputs(config: PipelineConfig) -> tuple[str, ...]:
+    # what the release reads is part of the pipelines' definition (tasks/pipeline.py), which imports this
+    from tasks.pipeline import release_inputs
+
+    return release_inputs(config)
+
+
 DEDUP = GlobalStage(
     name="dedup",
-    upstream="filter",
-    schema=DEDUP_SCHEMA,
     reasons=REASONS,
     sections=("dedup",),
+    code_version="1",
+    report=Report("duplicates removed", "dropped"),
+    inputs=_release_inputs,
+    adds=(DEDUP_SCHEMA.field("group_id"),),
     make_processor=lambda config: functools.partial(dedup_shards, config=config.dedup),
     upstream_arrays=ARRAYS,
 )
-
-
-@task(name="dedup", task_run_name="dedup-all", cache_policy=NO_CACHE)
-def dedup_task(workdir: str, config: PipelineConfig, run_id: str) -> ShardSummary:
-    return DEDUP.run(Layout(workdir), config, run_id)

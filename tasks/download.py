@@ -49,12 +49,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from rs5m.config import DownloadConfig, PipelineConfig
+from rs5m.config import DownloadConfig
 from storage.atomic import write_parquet
-from storage.layout import Layout
 from storage.schemas import DOWNLOAD_SCHEMA, KEYWORD_SCHEMA
 from tasks.fetch import (
     REDIRECT_PREFIX,
@@ -64,8 +61,7 @@ from tasks.fetch import (
     policy_for_downloaders,
     url_block_reason,
 )
-from tasks.harness import ShardStage, ShardSummary
-from tasks.retry import retry_if_transient
+from tasks.harness import Report, ShardStage
 from tasks.stage import ShardOutcome, split_by_reason
 
 __all__ = ["DOWNLOAD", "REASONS", "download_shard", "failure_reason", "fetch_policy", "url_block_reason"]
@@ -217,21 +213,14 @@ def _img2dataset_download() -> Callable[..., None]:
 DOWNLOAD = ShardStage(
     name="download",
     upstream="keyword",
-    schema=DOWNLOAD_SCHEMA,
     reasons=REASONS,
     sections=("download",),
+    code_version="1",
+    report=Report("downloaded", "kept"),
+    retries=2,
+    retry_delays_s=(5, 30),
+    concurrency="download_concurrency",
+    adds=(DOWNLOAD_SCHEMA.field("image"),),
     make_processor=lambda config: functools.partial(download_shard, config=config.download),
     needs_scratch=True,
 )
-
-
-@task(
-    name="download-shard",
-    task_run_name="download-{shard_id}",
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_if_transient,
-    cache_policy=NO_CACHE,
-)
-def download_task(workdir: str, shard_id: str, config: PipelineConfig, run_id: str) -> ShardSummary:
-    return DOWNLOAD.run(Layout(workdir), shard_id, config, run_id)

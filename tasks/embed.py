@@ -22,15 +22,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from models.clip import ClipEncoder, ClipSpec, UndecodableImageError, load_clip
 from models.perceptual_hash import HASH_BYTES, dct_hash
 from rs5m.config import ClipConfig, PipelineConfig
-from storage.layout import Layout
 from storage.schemas import EMBED_SCHEMA
-from tasks.harness import ShardStage, ShardSummary
+from tasks.harness import Report, ShardStage
 from tasks.stage import ShardOutcome, split_by_reason
 from tasks.watchdog import heartbeat
 
@@ -48,7 +45,8 @@ def embed_shard(
     *,
     progress: Callable[[int], None] | None = None,
 ) -> ShardOutcome:
-    """Decide every row of a VALIDATE_SCHEMA shard; survivors in EMBED_SCHEMA, arrays aligned with them.
+    """Decide every row of a shard of validated images (VALIDATE_SCHEMA, or RS3's rows); survivors keep their
+    columns but `image` and gain `phash` (EMBED_SCHEMA for a VALIDATE_SCHEMA shard), arrays aligned.
 
     progress: a heartbeat, called after each batch the encoder finishes with its number of items (images, then
     captions; the images are counted twice in the rare case that the encoder rejects some and runs again).
@@ -88,7 +86,7 @@ def embed_shard(
         "phash", pa.array([hashes[row] for row in kept_rows], pa.binary(HASH_BYTES))
     )
     return ShardOutcome(
-        kept=kept.select(EMBED_SCHEMA.names).cast(EMBED_SCHEMA),
+        kept=kept,
         decisions=outcome.decisions,
         arrays={"image": image_emb[embedded], "text": text_emb},
     )
@@ -167,17 +165,20 @@ def _processor(config: PipelineConfig) -> Callable[[pa.Table], ShardOutcome]:
     return process
 
 
-EMBED = ShardStage(
-    name="embed",
-    upstream="validate",
-    schema=EMBED_SCHEMA,
-    reasons=REASONS,
-    sections=("clip",),
-    make_processor=_processor,
-    identity=lambda config: model_identity(config.clip),
-)
+def embed_stage(name: str, upstream: str, report: Report) -> ShardStage:
+    """The embed stage over any upstream whose rows carry validated `image` bytes and a `caption`."""
+    return ShardStage(
+        name=name,
+        upstream=upstream,
+        reasons=REASONS,
+        sections=("clip",),
+        code_version="1",
+        report=report,
+        drops=("image",),
+        adds=(EMBED_SCHEMA.field("phash"),),
+        make_processor=_processor,
+        identity=lambda config: model_identity(config.clip),
+    )
 
 
-@task(name="embed-shard", task_run_name="embed-{shard_id}", cache_policy=NO_CACHE)
-def embed_task(workdir: str, shard_id: str, config: PipelineConfig, run_id: str) -> ShardSummary:
-    return EMBED.run(Layout(workdir), shard_id, config, run_id)
+EMBED = embed_stage("embed", "validate", Report("(ours) embedded", "kept"))

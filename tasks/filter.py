@@ -37,8 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from models.clip import ClipEncoder, ClipSpec
 from models.rs_detector import check_detector_name, load_detector
@@ -47,7 +45,7 @@ from storage.layout import Layout
 from storage.markers import sha256_file
 from storage.schemas import FILTER_SCHEMA
 from tasks.embed import clip_spec, model_identity, shared_encoder
-from tasks.harness import ShardStage, ShardSummary
+from tasks.harness import Report, ShardStage
 from tasks.shipped import resolve_shipped
 from tasks.stage import ShardOutcome, decisions
 
@@ -151,7 +149,8 @@ def score_and_filter(
     rs_scorer: RsScorer,
     config: FilterConfig,
 ) -> ShardOutcome:
-    """Decide every row of an EMBED_SCHEMA shard; survivors in FILTER_SCHEMA with their arrays."""
+    """Decide every row of an embedded shard; survivors keep their columns and gain clip_score and rs_score
+    (FILTER_SCHEMA for an EMBED_SCHEMA shard), with their arrays."""
     if not len(image_emb) == len(text_emb) == table.num_rows:
         raise ValueError(
             f"{table.num_rows} rows but {len(image_emb)} image / {len(text_emb)} text embeddings"
@@ -179,7 +178,7 @@ def score_and_filter(
         .append_column("rs_score", pa.array(rs[keep], pa.float32()))
     )
     return ShardOutcome(
-        kept=kept.select(FILTER_SCHEMA.names).cast(FILTER_SCHEMA),
+        kept=kept,
         decisions=decisions(
             table.column("sample_id"), table.column("source"), reasons, details, scores=scores
         ),
@@ -235,18 +234,48 @@ def _processor(config: PipelineConfig) -> Callable[..., ShardOutcome]:
     return process
 
 
+# Thresholds at their floors: every sample is kept with both scores (cosine >= -1, probability >= 0).
+KEEP_ALL = FilterConfig(clip_score_min=-1.0, rs_score_min=0.0)
+
+
+def _scoring_processor(config: PipelineConfig) -> Callable[..., ShardOutcome]:
+    rs_scorer = build_rs_scorer(config)
+
+    def process(table: pa.Table, arrays: dict[str, np.ndarray]) -> ShardOutcome:
+        return score_and_filter(table, arrays["image"], arrays["text"], rs_scorer, KEEP_ALL)
+
+    return process
+
+
+ADDED_FIELDS = (FILTER_SCHEMA.field("clip_score"), FILTER_SCHEMA.field("rs_score"))
+
 FILTER = ShardStage(
     name="filter",
     upstream="embed",
-    schema=FILTER_SCHEMA,
     reasons=REASONS,
     sections=("clip", "filter"),
+    code_version="1",
+    report=Report("non-RS outliers removed", "dropped"),
+    adds=ADDED_FIELDS,
     make_processor=_processor,
     identity=filter_identity,
     upstream_arrays=("image", "text"),
 )
 
 
-@task(name="filter-shard", task_run_name="filter-{shard_id}", cache_policy=NO_CACHE)
-def filter_task(workdir: str, shard_id: str, config: PipelineConfig, run_id: str) -> ShardSummary:
-    return FILTER.run(Layout(workdir), shard_id, config, run_id)
+def score_stage(name: str, upstream: str, report: Report) -> ShardStage:
+    """The filter's scores without its thresholds: label-only RS datasets (RS3) are remote sensing by
+    construction and their captions are ours, so nothing is dropped; the scores rank duplicates in dedup
+    and go to the ledger and the release."""
+    return ShardStage(
+        name=name,
+        upstream=upstream,
+        reasons={},
+        sections=("clip",),
+        code_version="1",
+        report=report,
+        adds=ADDED_FIELDS,
+        make_processor=_scoring_processor,
+        identity=filter_identity,
+        upstream_arrays=("image", "text"),
+    )

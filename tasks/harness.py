@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +30,7 @@ import pyarrow.parquet as pq
 from rs5m.config import PipelineConfig
 from storage.arrays import read_arrays, write_arrays
 from storage.atomic import remove_durably, remove_temporaries, sha256_file, write_json, write_parquet
-from storage.layout import Layout
+from storage.layout import Layout, shard_name
 from storage.ledger import ledger_rows
 from storage.markers import (
     GLOBAL_UNIT,
@@ -40,17 +41,17 @@ from storage.markers import (
     current_marker,
     digest_files,
     invalidate_manifest,
-    manifest_identity,
     read_manifest,
     read_marker,
     remove_marker,
     stage_fingerprint,
+    upstreams_identity,
     write_manifest,
     write_marker,
 )
 from storage.schemas import DROPPED, KEPT
 from tasks.stage import ShardOutcome
-from tasks.watchdog import watching
+from tasks.watchdog import heartbeat, watching
 
 
 class StageInputError(RuntimeError):
@@ -173,7 +174,7 @@ def run_shard(
     stage: str,
     upstream: str,
     shard_id: str,
-    schema: pa.Schema,
+    schema_of: Callable[[pa.Schema], pa.Schema],
     reasons: Mapping[str, str],
     fingerprint: str,
     run_id: str,
@@ -197,7 +198,7 @@ def run_shard(
             extra["arrays"] = read_arrays(layout, upstream, shard_id, upstream_arrays, rows=table.num_rows)
         outcome = process(table, **extra)
     check_outcome(table.column("sample_id"), outcome, reasons, stage)
-    committed = commit_shard(layout, stage, shard_id, outcome, schema, run_id, fingerprint)
+    committed = commit_shard(layout, stage, shard_id, outcome, schema_of(table.schema), run_id, fingerprint)
     write_marker(
         layout,
         Marker(
@@ -215,6 +216,46 @@ def run_shard(
     if needs_scratch:
         layout.remove_scratch(stage, shard_id)
     return ShardSummary(stage, shard_id, skipped=False, counts=committed.counts)
+
+
+def run_source(
+    layout: Layout,
+    *,
+    stage: str,
+    source: str,
+    fingerprint: str,
+    checksum: str | None,
+    outcomes: Callable[[], Iterator[ShardOutcome]],
+    schema: pa.Schema,
+    reasons: Mapping[str, str],
+    run_id: str,
+    verify: Verification = "checksum",
+    stall_timeout_s: float | None = None,
+) -> ShardSummary:
+    """Read one source into shards `<source>-00000`, ...; the source is the unit of resume (its marker lists
+    its shards and their files), since reading it again is cheap next to everything downstream. A remote
+    source (checksum None) is read again every run; its shards still resume downstream when their content
+    is unchanged."""
+    inputs = {"source": checksum or "remote (re-read every run)"}
+    marker = (
+        current_marker(layout, stage, source, fingerprint, inputs, verify) if checksum is not None else None
+    )
+    if marker is not None:
+        return ShardSummary(stage, source, skipped=True, counts=total_counts(marker.counts.values()))
+    remove_marker(layout, stage, source)
+    outputs: dict[str, str] = {}
+    counts: dict[str, dict[str, int]] = {}
+    files: FileDigests = {}
+    with watching(stage, source, stall_timeout_s):
+        for index, outcome in enumerate(outcomes()):
+            shard_id = shard_name(source, index)
+            check_outcome(None, outcome, reasons, stage)
+            committed = commit_shard(layout, stage, shard_id, outcome, schema, run_id, fingerprint)
+            outputs[shard_id], counts[shard_id] = committed.sha256, committed.counts
+            files.update(committed.files)
+            heartbeat()
+    write_marker(layout, Marker(stage, source, fingerprint, inputs, outputs, counts, run_id, now(), files=files))
+    return ShardSummary(stage, source, skipped=False, counts=total_counts(counts.values()))
 
 
 def begin_stage(layout: Layout, stage: str, run_id: str) -> None:
@@ -235,13 +276,14 @@ def complete_stage(
     layout: Layout,
     *,
     stage: str,
-    upstream: str | None,
+    upstreams: tuple[str, ...],
     unit_fingerprints: dict[str, str],
     run_id: str,
     failed_sources: dict[str, str] | None = None,
 ) -> Manifest:
-    """Record that every unit (shard, or source for ingest) of a stage is done with the fingerprint it
-    should have, from their markers. The manifest's fingerprint covers all units' fingerprints."""
+    """Record that every unit (shard, or source for a source stage) of a stage is done with the fingerprint
+    it should have, from their markers. The manifest's fingerprint covers all units' fingerprints, and it
+    records what it was built on: the upstream stages and the identity of their manifests now."""
     shards: dict[str, str] = {}
     counts: dict[str, dict[str, int]] = {}
     for unit, fingerprint in sorted(unit_fingerprints.items()):
@@ -250,47 +292,160 @@ def complete_stage(
             raise StageInputError(f"stage {stage!r}: unit {unit!r} is not done with the current config")
         shards.update(marker.outputs)
         counts.update(marker.counts)
-    inherited = read_manifest(layout, upstream).failed_sources if upstream else {}
+    inherited: dict[str, str] = {}
+    for upstream in upstreams:
+        inherited.update(read_manifest(layout, upstream).failed_sources)
     manifest = Manifest(
         stage=stage,
         fingerprint=hashlib.sha256(json.dumps(sorted(set(unit_fingerprints.values()))).encode()).hexdigest()[
             :16
         ],
-        upstream_identity=manifest_identity(layout, upstream) if upstream else None,
+        upstream_identity=upstreams_identity(layout, upstreams),
         shards=dict(sorted(shards.items())),
         counts=dict(sorted(counts.items())),
         failed_sources={**inherited, **(failed_sources or {})},
         run_id=run_id,
         finished_at=now(),
+        upstreams=list(upstreams),
     )
     write_manifest(layout, manifest)
     remove_durably(layout.started(stage))
     return manifest
 
 
-@dataclass(frozen=True)
-class ShardStage:
-    """A stage that maps each upstream shard to one shard of its own.
+Measure = Literal["in", "kept", "dropped"]
 
-    `sections` name the PipelineConfig sections whose output-affecting fields make up the stage's
-    fingerprint (with `identity`: list hashes, model identity). `make_processor` turns the config into the
-    pure per-shard function once per task (compile a keyword list, load a model), so a shard only pays for
-    its own data. `upstream_arrays` names the upstream's per-row arrays (embeddings) the function reads.
-    """
+
+@dataclass(frozen=True)
+class Report:
+    """Which column of RS5M's published tables a stage's count corresponds to, and which count it is."""
+
+    column: str
+    measure: Measure
+
+
+def _no_identity(_config: PipelineConfig) -> dict[str, str]:
+    return {}
+
+
+def schema_after(input_schema: pa.Schema, adds: tuple[pa.Field, ...], drops: tuple[str, ...]) -> pa.Schema:
+    """A stage's output schema: its input's columns (without `drops`, and without columns it re-adds), then
+    `adds`. Columns a stage does not know travel on unchanged, so one stage serves datasets of any shape."""
+    added = {f.name for f in adds}
+    return pa.schema([f for f in input_schema if f.name not in drops and f.name not in added] + list(adds))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stage:
+    """What every stage declares: its name (its folder), the reasons it may drop a sample for, the config
+    sections and identity its fingerprint covers, its code version (bump it when the code changes what the
+    stage writes: every unit reruns), and the RS5M column it reports. The kinds below add how the stage's
+    units are found and run; executors (flows/, tests) use only `upstreams`, `units`, `run_unit` and
+    `unit_fingerprints`."""
 
     name: str
-    upstream: str
-    schema: pa.Schema
-    reasons: dict[str, str]
+    reasons: Mapping[str, str]
     sections: tuple[str, ...]
-    make_processor: Callable[[PipelineConfig], Callable[..., ShardOutcome]]
-    identity: Callable[[PipelineConfig], dict[str, str]] = lambda _config: {}
-    needs_scratch: bool = False
-    upstream_arrays: tuple[str, ...] = ()
+    code_version: str
+    report: Report
+    identity: Callable[[PipelineConfig], dict[str, str]] = _no_identity
+    retries: int = 0  # retries of a unit that failed for a transient reason (tasks/retry.py)
+    retry_delays_s: tuple[float, ...] = (2, 10)
+    concurrency: Literal["shard_concurrency", "download_concurrency"] = "shard_concurrency"
 
     def fingerprint(self, config: PipelineConfig) -> str:
         sections = {name: config.section(name) for name in self.sections}
-        return stage_fingerprint(self.name, sections, self.identity(config))
+        return stage_fingerprint(self.name, sections, self.identity(config), self.code_version)
+
+    def upstreams(self, config: PipelineConfig) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def units(self, layout: Layout, config: PipelineConfig) -> list[str]:
+        raise NotImplementedError
+
+    def run_unit(self, layout: Layout, unit: str, config: PipelineConfig, run_id: str) -> ShardSummary:
+        raise NotImplementedError
+
+    def unit_fingerprints(self, config: PipelineConfig, units: Iterable[str]) -> dict[str, str]:
+        return dict.fromkeys(units, self.fingerprint(config))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceStage(Stage):
+    """A stage that reads each configured source into shards `<source>-00000`, ... (its units are the
+    sources): the first stage of a pipeline. `read` yields one ShardOutcome per shard (decisions for every
+    row read, kept rows in `schema`); `checksum` is the content checksum of the source's files, or None for
+    a remote source (re-read every run); `source_identity` is what of the source's config changes its rows
+    (the path is left out: the checksum covers the content, so moving a file reruns nothing)."""
+
+    schema: pa.Schema
+    sources: Callable[[PipelineConfig], Sequence[Any]]  # objects with a `name`
+    read: Callable[[Any, PipelineConfig], Iterator[ShardOutcome]]
+    checksum: Callable[[Any], str | None]
+    source_identity: Callable[[Any], str]
+
+    def upstreams(self, config: PipelineConfig) -> tuple[str, ...]:
+        return ()
+
+    def units(self, layout: Layout, config: PipelineConfig) -> list[str]:
+        return [source.name for source in self.sources(config)]
+
+    def source(self, config: PipelineConfig, name: str) -> Any:
+        return next(s for s in self.sources(config) if s.name == name)
+
+    def source_fingerprint(self, config: PipelineConfig, source: Any) -> str:
+        sections = {name: config.section(name) for name in self.sections}
+        identity = {**self.identity(config), "source": self.source_identity(source)}
+        return stage_fingerprint(self.name, sections, identity, self.code_version)
+
+    def unit_fingerprints(self, config: PipelineConfig, units: Iterable[str]) -> dict[str, str]:
+        return {name: self.source_fingerprint(config, self.source(config, name)) for name in units}
+
+    def run_unit(self, layout: Layout, unit: str, config: PipelineConfig, run_id: str) -> ShardSummary:
+        source = self.source(config, unit)
+        return run_source(
+            layout,
+            stage=self.name,
+            source=unit,
+            fingerprint=self.source_fingerprint(config, source),
+            checksum=self.checksum(source),
+            outcomes=lambda: self.read(source, config),
+            schema=self.schema,
+            reasons=self.reasons,
+            run_id=run_id,
+            verify=config.runner.verify,
+            stall_timeout_s=config.runner.stall_timeout_s,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardStage(Stage):
+    """A stage that maps each upstream shard to one shard of its own.
+
+    Its output keeps the input's columns, minus `drops`, plus `adds` (schema_after). `make_processor` turns
+    the config into the pure per-shard function once per task (compile a keyword list, load a model), so a
+    shard only pays for its own data. `upstream_arrays` names the upstream's per-row arrays (embeddings)
+    the function reads.
+    """
+
+    upstream: str
+    make_processor: Callable[[PipelineConfig], Callable[..., ShardOutcome]]
+    adds: tuple[pa.Field, ...] = ()
+    drops: tuple[str, ...] = ()
+    needs_scratch: bool = False
+    upstream_arrays: tuple[str, ...] = ()
+
+    def upstreams(self, config: PipelineConfig) -> tuple[str, ...]:
+        return (self.upstream,)
+
+    def units(self, layout: Layout, config: PipelineConfig) -> list[str]:
+        manifest = read_manifest(layout, self.upstream)
+        if manifest is None:
+            raise StageInputError(f"stage {self.upstream!r} is not complete; run it first")
+        return list(manifest.shards)
+
+    def run_unit(self, layout: Layout, unit: str, config: PipelineConfig, run_id: str) -> ShardSummary:
+        return self.run(layout, unit, config, run_id)
 
     def run(self, layout: Layout, shard_id: str, config: PipelineConfig, run_id: str) -> ShardSummary:
         return run_shard(
@@ -298,7 +453,7 @@ class ShardStage:
             stage=self.name,
             upstream=self.upstream,
             shard_id=shard_id,
-            schema=self.schema,
+            schema_of=lambda schema: schema_after(schema, self.adds, self.drops),
             reasons=self.reasons,
             fingerprint=self.fingerprint(config),
             run_id=run_id,
@@ -322,10 +477,15 @@ class Published:
     files: FileDigests
 
 
-@dataclass(frozen=True)
-class GlobalStage:
+def _always_published(_layout: Layout, _marker: Marker) -> bool:
+    return True
+
+
+@dataclass(frozen=True, kw_only=True)
+class GlobalStage(Stage):
     """A stage that must see every upstream shard at once (dedup, the final dataset) but still writes one
-    output shard per upstream shard, so that per-shard stages can follow it.
+    output shard per upstream shard, so that per-shard stages can follow it. It may read several upstream
+    stages (the release reads every data pipeline's last stage): their shard ids are distinct.
 
     Its single marker records every upstream shard's checksum: a new or changed shard reruns the whole
     stage. `publish` (optional) writes what the stage makes besides its shards (the final dataset); it runs
@@ -334,26 +494,47 @@ class GlobalStage:
     Global stages are not watched for stalls: their searches run in C code that no exception interrupts.
     """
 
-    name: str
-    upstream: str
-    schema: pa.Schema
-    reasons: dict[str, str]
-    sections: tuple[str, ...]
+    inputs: Callable[[PipelineConfig], tuple[str, ...]]
     make_processor: Callable[[PipelineConfig], GlobalProcessor]
-    identity: Callable[[PipelineConfig], dict[str, str]] = lambda _config: {}
+    adds: tuple[pa.Field, ...] = ()
+    drops: tuple[str, ...] = ()
     upstream_arrays: tuple[str, ...] = ()
     publish: Callable[[Layout, PipelineConfig, dict[str, ShardOutcome]], Published] | None = None
-    is_published: Callable[[Layout, Marker], bool] = lambda _layout, _marker: True
+    is_published: Callable[[Layout, Marker], bool] = _always_published
 
     def fingerprint(self, config: PipelineConfig) -> str:
         sections = {name: config.section(name) for name in self.sections}
-        return stage_fingerprint(self.name, sections, self.identity(config))
+        identity = {**self.identity(config), "upstreams": ",".join(self.upstreams(config))}
+        return stage_fingerprint(self.name, sections, identity, self.code_version)
+
+    def upstreams(self, config: PipelineConfig) -> tuple[str, ...]:
+        return self.inputs(config)
+
+    def units(self, layout: Layout, config: PipelineConfig) -> list[str]:
+        return [GLOBAL_UNIT]
+
+    def run_unit(self, layout: Layout, unit: str, config: PipelineConfig, run_id: str) -> ShardSummary:
+        return self.run(layout, config, run_id)
+
+    def upstream_shards(self, layout: Layout, config: PipelineConfig) -> dict[str, tuple[str, str]]:
+        """shard id -> (upstream stage, checksum), over every upstream."""
+        shards: dict[str, tuple[str, str]] = {}
+        for upstream in self.upstreams(config):
+            manifest = read_manifest(layout, upstream)
+            if manifest is None:
+                raise StageInputError(f"stage {upstream!r} is not complete; run it first")
+            for shard, checksum in manifest.shards.items():
+                if shard in shards:
+                    raise StageInputError(
+                        f"shard {shard!r} comes from both {shards[shard][0]!r} and {upstream!r}: source names "
+                        "must be unique across pipelines"
+                    )
+                shards[shard] = (upstream, checksum)
+        return shards
 
     def run(self, layout: Layout, config: PipelineConfig, run_id: str) -> ShardSummary:
-        upstream = read_manifest(layout, self.upstream)
-        if upstream is None:
-            raise StageInputError(f"stage {self.upstream!r} is not complete; run it first")
-        inputs = dict(upstream.shards)
+        sources = self.upstream_shards(layout, config)
+        inputs = {shard: checksum for shard, (_, checksum) in sorted(sources.items())}
         fingerprint = self.fingerprint(config)
         verify = config.runner.verify
         marker = current_marker(layout, self.name, GLOBAL_UNIT, fingerprint, inputs, verify)
@@ -363,11 +544,11 @@ class GlobalStage:
             )
         remove_marker(layout, self.name, GLOBAL_UNIT)
         tables = {
-            shard: read_verified_table(layout, self.upstream, shard, checksum)
-            for shard, checksum in inputs.items()
+            shard: read_verified_table(layout, upstream, shard, checksum)
+            for shard, (upstream, checksum) in sorted(sources.items())
         }
         arrays = {
-            shard: read_arrays(layout, self.upstream, shard, self.upstream_arrays, rows=table.num_rows)
+            shard: read_arrays(layout, sources[shard][0], shard, self.upstream_arrays, rows=table.num_rows)
             for shard, table in tables.items()
         }
         outcomes = self.make_processor(config)(tables, arrays)
@@ -381,9 +562,8 @@ class GlobalStage:
         counts: dict[str, dict[str, int]] = {}
         files: FileDigests = {}
         for shard in sorted(outcomes):
-            committed = commit_shard(
-                layout, self.name, shard, outcomes[shard], self.schema, run_id, fingerprint
-            )
+            schema = schema_after(tables[shard].schema, self.adds, self.drops)
+            committed = commit_shard(layout, self.name, shard, outcomes[shard], schema, run_id, fingerprint)
             outputs[shard], counts[shard] = committed.sha256, committed.counts
             files.update(committed.files)
         published = self.publish(layout, config, outcomes) if self.publish else Published({}, {})

@@ -40,25 +40,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from rs5m.config import IngestConfig, RunnerConfig, SourceConfig
-from storage.layout import Layout, shard_name
+from rs5m.config import IngestConfig, SourceConfig
+from storage.layout import Layout
 from storage.markers import (
-    FileDigests,
-    Marker,
     Verification,
-    current_marker,
-    remove_marker,
     stage_fingerprint,
-    write_marker,
 )
 from storage.schemas import INGEST_SCHEMA
-from tasks.harness import ShardSummary, check_outcome, commit_shard, now, total_counts
-from tasks.retry import retry_if_transient
+from tasks.harness import Report, ShardSummary, SourceStage, run_source
 from tasks.stage import ShardOutcome, decisions
-from tasks.watchdog import heartbeat, watching
 
 REASONS = {
     "duplicate_row": "same source, normalised URL and raw caption as an earlier row (kept_sample_id names it)",
@@ -1052,11 +1043,16 @@ class SourceIngester:
         )
 
 
-def ingest_fingerprint(config: IngestConfig, source: SourceConfig) -> str:
+CODE_VERSION = "1"
+
+
+def _source_identity(source: SourceConfig) -> str:
     """The path is left out: the input checksum covers the content, so moving a file reruns nothing."""
-    return stage_fingerprint(
-        "ingest", {"ingest": config}, identity={"source": source.model_dump_json(exclude={"path"})}
-    )
+    return source.model_dump_json(exclude={"path"})
+
+
+def ingest_fingerprint(config: IngestConfig, source: SourceConfig) -> str:
+    return stage_fingerprint("ingest", {"ingest": config}, {"source": _source_identity(source)}, CODE_VERSION)
 
 
 def ingest_source_shards(
@@ -1067,50 +1063,33 @@ def ingest_source_shards(
     verify: Verification = "checksum",
     stall_timeout_s: float | None = None,
 ) -> ShardSummary:
-    """Ingest one source into shards `<source>-00000`, ...; the source is the unit of resume (its marker
-    lists its shards and their files), since reading it again is cheap next to everything downstream.
-    The same commit protocol as every stage (tasks/harness.py): the marker goes first, every shard's
-    decisions are checked, the marker with the files' digests comes last."""
-    fingerprint = ingest_fingerprint(config, source)
-    checksum = source_checksum(source)
-    inputs = {"source": checksum or "remote (re-read every run)"}
-    marker = (
-        current_marker(layout, "ingest", source.name, fingerprint, inputs, verify)
-        if checksum is not None
-        else None
-    )
-    if marker is not None:
-        return ShardSummary("ingest", source.name, skipped=True, counts=total_counts(marker.counts.values()))
-    remove_marker(layout, "ingest", source.name)
-    outputs: dict[str, str] = {}
-    counts: dict[str, dict[str, int]] = {}
-    files: FileDigests = {}
-    with watching("ingest", source.name, stall_timeout_s):
-        for index, outcome in enumerate(SourceIngester(source, config).shards()):
-            shard_id = shard_name(source.name, index)
-            check_outcome(None, outcome, REASONS, "ingest")
-            committed = commit_shard(layout, "ingest", shard_id, outcome, INGEST_SCHEMA, run_id, fingerprint)
-            outputs[shard_id], counts[shard_id] = committed.sha256, committed.counts
-            files.update(committed.files)
-            heartbeat()
-    write_marker(
+    """Ingest one source into shards `<source>-00000`, ... through the commit protocol every stage uses
+    (tasks/harness.py run_source)."""
+    return run_source(
         layout,
-        Marker("ingest", source.name, fingerprint, inputs, outputs, counts, run_id, now(), files=files),
+        stage="ingest",
+        source=source.name,
+        fingerprint=ingest_fingerprint(config, source),
+        checksum=source_checksum(source),
+        outcomes=lambda: SourceIngester(source, config).shards(),
+        schema=INGEST_SCHEMA,
+        reasons=REASONS,
+        run_id=run_id,
+        verify=verify,
+        stall_timeout_s=stall_timeout_s,
     )
-    return ShardSummary("ingest", source.name, skipped=False, counts=total_counts(counts.values()))
 
 
-@task(
-    name="ingest-source",
-    task_run_name="ingest-{source.name}",
+INGEST = SourceStage(
+    name="ingest",
+    reasons=REASONS,
+    sections=("ingest",),
+    code_version=CODE_VERSION,
+    report=Report("amount", "in"),
     retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_if_transient,
-    cache_policy=NO_CACHE,
+    schema=INGEST_SCHEMA,
+    sources=lambda config: config.sources,
+    read=lambda source, config: SourceIngester(source, config.ingest).shards(),
+    checksum=source_checksum,
+    source_identity=_source_identity,
 )
-def ingest_task(
-    workdir: str, source: SourceConfig, config: IngestConfig, runner: RunnerConfig, run_id: str
-) -> ShardSummary:
-    return ingest_source_shards(
-        Layout(workdir), source, config, run_id, runner.verify, runner.stall_timeout_s
-    )

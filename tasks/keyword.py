@@ -23,13 +23,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from rs5m.config import KeywordConfig, PipelineConfig
-from storage.layout import Layout
 from storage.schemas import KEYWORD_SCHEMA
-from tasks.harness import ShardStage, ShardSummary
+from tasks.harness import Report, ShardStage
 from tasks.shipped import resolve_shipped
 from tasks.stage import ShardOutcome, split_by_reason
 
@@ -201,14 +198,11 @@ def _processor(config: PipelineConfig) -> Callable[[pa.Table], ShardOutcome]:
 KEYWORD = ShardStage(
     name="keyword",
     upstream="ingest",
-    schema=KEYWORD_SCHEMA,
     reasons=REASONS,
     sections=("keyword",),
+    code_version="1",
+    report=Report("after RS keyword filtering", "kept"),
+    adds=(KEYWORD_SCHEMA.field("matched_keyword"),),
     make_processor=_processor,
     identity=lambda config: {"lists": KeywordMatcher.from_config(config.keyword).identity},
 )
-
-
-@task(name="keyword-shard", task_run_name="keyword-{shard_id}", cache_policy=NO_CACHE)
-def keyword_task(workdir: str, shard_id: str, config: PipelineConfig, run_id: str) -> ShardSummary:
-    return KEYWORD.run(Layout(workdir), shard_id, config, run_id)

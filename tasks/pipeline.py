@@ -1,10 +1,19 @@
-"""The PUB11 stages in pipeline order, and which column of RS5M's published funnel each one feeds."""
+"""The pipelines, as data: each is an ordered list of stage objects, and everything that runs, resumes,
+catalogues or reports stages is derived from these lists (flows/, storage/catalog.py, rs5m/report.py).
+
+- PUB11: web image-text pairs, from URL lists to filtered, scored samples.
+- RS3: label-only remote-sensing datasets read in their own layouts, given meta captions.
+- release: dedup and decontamination over the union of the data pipelines the config has, then the
+  released dataset (`subset` says which pipeline a row came from).
+
+A new stage is one module in tasks/ and one line in a list. Stage names are folder names in the work
+directory, unique across pipelines; source names are unique across pipelines too, so shard ids are.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Literal
 
 import tasks.filter
 from models.clip import ensure_loadable
@@ -12,54 +21,88 @@ from rs5m.config import ConfigError, PipelineConfig
 from storage.catalog import refresh_catalog
 from storage.layout import Layout
 from tasks import decontaminate, dedup, download, embed, ingest, keyword, shard, validate
-from tasks.harness import GlobalStage, ShardStage
+from tasks.harness import Stage
 
 
 @dataclass(frozen=True)
-class StageInfo:
+class Pipeline:
     name: str
-    rs5m_column: str  # the column of RS5M's PUB11 table this stage's `measure` corresponds to
-    measure: Literal["in", "kept", "dropped"]
-    reasons: dict[str, str]
-    stage: ShardStage | GlobalStage | None  # None: ingest, fingerprinted per source
+    stages: tuple[Stage, ...]
+    configured: Callable[[PipelineConfig], bool]  # whether a config asks for this pipeline
+    image_stage: str | None = None  # the stage whose shards keep the image bytes (the release reads them)
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        return tuple(stage.name for stage in self.stages)
 
 
-PUB11_STAGES: tuple[StageInfo, ...] = (
-    StageInfo("ingest", "amount", "in", ingest.REASONS, None),
-    StageInfo("keyword", "after RS keyword filtering", "kept", keyword.REASONS, keyword.KEYWORD),
-    StageInfo("download", "downloaded", "kept", download.REASONS, download.DOWNLOAD),
-    StageInfo("validate", "invalid images removed", "dropped", validate.REASONS, validate.VALIDATE),
-    StageInfo("embed", "(ours) embedded", "kept", embed.REASONS, embed.EMBED),
-    StageInfo("filter", "non-RS outliers removed", "dropped", tasks.filter.REASONS, tasks.filter.FILTER),
-    StageInfo("dedup", "duplicates removed", "dropped", dedup.REASONS, dedup.DEDUP),
-    StageInfo(
-        "decontaminate",
-        "(ours) eval-set copies removed",
-        "dropped",
-        decontaminate.REASONS,
-        decontaminate.DECONTAMINATE,
-    ),
-    StageInfo("shard", "remain", "kept", shard.REASONS, shard.SHARD),
+PUB11 = Pipeline(
+    "pub11",
+    (ingest.INGEST, keyword.KEYWORD, download.DOWNLOAD, validate.VALIDATE, embed.EMBED, tasks.filter.FILTER),
+    configured=lambda config: bool(config.sources),
+    image_stage="validate",
 )
-STAGE_ORDER: tuple[str, ...] = tuple(s.name for s in PUB11_STAGES)
-RS5M_COLUMNS: dict[str, str] = {s.name: s.rs5m_column for s in PUB11_STAGES}
+RELEASE = Pipeline(
+    "release",
+    (dedup.DEDUP, decontaminate.DECONTAMINATE, shard.SHARD),
+    configured=lambda config: True,
+)
+DATA_PIPELINES: tuple[Pipeline, ...] = (PUB11,)
+PIPELINES: tuple[Pipeline, ...] = (*DATA_PIPELINES, RELEASE)
+STAGES: dict[str, Stage] = {stage.name: stage for pipeline in PIPELINES for stage in pipeline.stages}
+STAGE_ORDER: tuple[str, ...] = tuple(STAGES)
+PIPELINE_NAMES: tuple[str, ...] = tuple(pipeline.name for pipeline in PIPELINES)
 
 
-def refresh_pub11_catalog(layout: Layout) -> None:
-    """Rebuild the work directory's DuckDB views for the PUB11 stages (storage/catalog.py)."""
-    refresh_catalog(layout, STAGE_ORDER, RS5M_COLUMNS)
+def release_inputs(config: PipelineConfig) -> tuple[str, ...]:
+    """What the release reads: the last stage of each data pipeline the config has."""
+    return tuple(p.stages[-1].name for p in DATA_PIPELINES if p.configured(config))
 
 
-def check_config(config: PipelineConfig, stages: Collection[str] | None = None) -> None:
+def image_stages(config: PipelineConfig) -> dict[str, str]:
+    """The stage holding each configured data pipeline's image bytes -> the pipeline's name."""
+    return {p.image_stage: p.name for p in DATA_PIPELINES if p.configured(config) and p.image_stage}
+
+
+def selected_pipelines(config: PipelineConfig, only: Collection[str] | None = None) -> list[Pipeline]:
+    """The pipelines a run takes, in order: the data pipelines the config has (`only`: those named), then
+    the release (which reads every data pipeline the config has)."""
+    chosen = [p for p in DATA_PIPELINES if p.configured(config) and (only is None or p.name in only)]
+    return [*chosen, RELEASE]
+
+
+def selected_stages(
+    config: PipelineConfig, pipelines: Collection[str] | None = None, stages: Collection[str] | None = None
+) -> list[Stage]:
+    return [
+        stage
+        for pipeline in selected_pipelines(config, pipelines)
+        for stage in pipeline.stages
+        if stages is None or stage.name in stages
+    ]
+
+
+def workdir_stage_order(layout: Layout) -> list[str]:
+    """The stages to show for a work directory without its config (`rs5m report`, the catalog): those of
+    each data pipeline that has run there (its first stage's folder exists), then the release."""
+    present = [p for p in DATA_PIPELINES if layout.stage_dir(p.stages[0].name).is_dir()]
+    return [stage.name for pipeline in [*present, RELEASE] for stage in pipeline.stages]
+
+
+def refresh_workdir_catalog(layout: Layout) -> None:
+    """Rebuild the work directory's DuckDB views (storage/catalog.py) over the stages it has."""
+    order = workdir_stage_order(layout)
+    refresh_catalog(layout, order, {name: STAGES[name].report.column for name in order})
+
+
+def check_config(
+    config: PipelineConfig, stages: Collection[str] | None = None, pipelines: Collection[str] | None = None
+) -> None:
     """Raises ConfigError, before any work, when a selected stage's config names something missing or unfit: an
     unknown model, a checkpoint or hub weights that cannot be had, the GPU, prompts, a detector trained for
     another model, an eval folder. Computing each stage's fingerprint resolves all of these (hub weights are
     downloaded here), so a bad value fails now and not after hours of downloading."""
-    checks = [
-        info.stage
-        for info in PUB11_STAGES
-        if info.stage is not None and (stages is None or info.name in stages)
-    ]
+    checks = selected_stages(config, pipelines, stages)
     try:
         if any("clip" in stage.sections for stage in checks):
             ensure_loadable(embed.clip_spec(config.clip))

@@ -10,8 +10,9 @@ into every output part (sample ids are hashes), which needs an external sort, i.
 the images; shard-major order reads each image once, holding one upstream shard's images at a time, and
 is just as deterministic. Output parts span upstream shards.
 
-The image bytes come from validate/data/<shard>.parquet (the one stored copy; shard ids are the same
-through all stages), joined to the kept rows by sample_id.
+The image bytes come from the image stage of the shard's pipeline (validate/data/<shard>.parquet for
+PUB11, rs3_validate/data for RS3: shard ids are the same through all stages), joined to the kept rows by
+sample_id; the pipeline names the row's `subset`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from rs5m.config import PipelineConfig, ShardConfig
 from storage.dataset import (
@@ -36,12 +35,10 @@ from storage.dataset import (
 )
 from storage.layout import Layout
 from storage.markers import Marker, digest_files
-from storage.schemas import DECONTAMINATE_SCHEMA
-from tasks.harness import GlobalStage, Published, ShardSummary
+from tasks.harness import GlobalStage, Published, Report
 from tasks.stage import ShardOutcome, decisions
 
 REASONS: dict[str, str] = {}  # nothing is dropped here
-IMAGE_STAGE = "validate"  # where the image bytes are stored
 SPLIT_RULE = "val iff int(sha256(sample_id)[:16], 16) / 2**64 < val_fraction"
 ORDER_RULE = "upstream shard id, then sample_id"
 
@@ -67,36 +64,56 @@ def keep_all(tables: dict[str, pa.Table], _arrays: dict) -> dict[str, ShardOutco
     }
 
 
-def dataset_rows(layout: Layout, shard_id: str, kept: pa.Table, config: ShardConfig) -> pa.Table:
-    """One upstream shard's kept rows as DATASET_SCHEMA rows, sorted by sample_id, with their images."""
+def image_source(layout: Layout, shard_id: str, image_stages: dict[str, str]) -> tuple[str, str]:
+    """(the stage that stores the shard's image bytes, its subset): the one that has the shard (shard ids
+    are unique across pipelines). `image_stages` maps each pipeline's image stage to the pipeline's name
+    (tasks/pipeline.py)."""
+    for stage, subset in image_stages.items():
+        if layout.data(stage, shard_id).exists():
+            return stage, subset
+    raise MissingImageError(f"no stage of {sorted(image_stages)} holds the images of shard {shard_id!r}")
+
+
+def dataset_rows(
+    layout: Layout, shard_id: str, kept: pa.Table, config: ShardConfig, image_stages: dict[str, str]
+) -> pa.Table:
+    """One upstream shard's kept rows as DATASET_SCHEMA rows, sorted by sample_id, with their images; the
+    columns a subset does not have are null."""
     kept = kept.take(pc.sort_indices(kept, [("sample_id", "ascending")]))
+    image_stage, subset = image_source(layout, shard_id, image_stages)
     # the file's two columns, then a take: faster than a pushed-down `isin` filter; only one upstream
     # shard's images are in memory at a time
-    images = pq.read_table(layout.data(IMAGE_STAGE, shard_id), columns=["sample_id", "image"])
+    images = pq.read_table(layout.data(image_stage, shard_id), columns=["sample_id", "image"])
     positions = pc.index_in(kept.column("sample_id"), value_set=images.column("sample_id"))
     if positions.null_count:
         missing = kept.filter(pc.is_null(positions)).column("sample_id")[0]
         raise MissingImageError(
             f"{positions.null_count} kept sample(s) of shard {shard_id!r} have no image in "
-            f"{layout.data(IMAGE_STAGE, shard_id)} (first: {missing})"
+            f"{layout.data(image_stage, shard_id)} (first: {missing})"
         )
     ids = kept.column("sample_id").to_pylist()
     phash = [None if value is None else value.hex() for value in kept.column("phash").to_pylist()]
+    rows = kept.num_rows
     columns = {
         **{name: kept.column(name) for name in DATASET_SCHEMA.names if name in kept.column_names},
         "image": images.column("image").take(positions),
         "phash": pa.array(phash, pa.string()),
         "split": pa.array([split_of(i, config.val_fraction) for i in ids], pa.string()),
+        "subset": pa.array([subset] * rows, pa.string()),
     }
-    return pa.table({name: columns[name] for name in DATASET_SCHEMA.names}).cast(DATASET_SCHEMA)
+    return pa.table(
+        {f.name: columns.get(f.name, pa.nulls(rows, f.type)) for f in DATASET_SCHEMA}
+    ).cast(DATASET_SCHEMA)
 
 
-def dataset_plan(layout: Layout, config: ShardConfig, outcomes: dict[str, ShardOutcome]) -> DatasetPlan:
+def dataset_plan(
+    layout: Layout, config: ShardConfig, outcomes: dict[str, ShardOutcome], image_stages: dict[str, str]
+) -> DatasetPlan:
     def batches() -> Iterator[pa.Table]:
         for shard_id in sorted(outcomes):
             kept = outcomes[shard_id].kept
             if kept.num_rows:
-                yield dataset_rows(layout, shard_id, kept, config)
+                yield dataset_rows(layout, shard_id, kept, config, image_stages)
 
     return DatasetPlan(
         batches=batches(),
@@ -108,7 +125,9 @@ def dataset_plan(layout: Layout, config: ShardConfig, outcomes: dict[str, ShardO
 
 
 def publish_dataset(layout: Layout, config: PipelineConfig, outcomes: dict[str, ShardOutcome]) -> Published:
-    manifest = write_dataset(layout, dataset_plan(layout, config.shard, outcomes))
+    from tasks.pipeline import image_stages  # the pipelines' definition (tasks/pipeline.py) imports this
+
+    manifest = write_dataset(layout, dataset_plan(layout, config.shard, outcomes, image_stages(config)))
     release = release_id(manifest)
     release_dir = layout.releases / release
     files = {
@@ -131,16 +150,12 @@ def release_is_current(layout: Layout, marker: Marker) -> bool:
 
 SHARD = GlobalStage(
     name="shard",
-    upstream="decontaminate",
-    schema=DECONTAMINATE_SCHEMA,
     reasons=REASONS,
     sections=("shard",),
+    code_version="1",
+    report=Report("remain", "kept"),
+    inputs=lambda _config: ("decontaminate",),
     make_processor=lambda _config: keep_all,
     publish=publish_dataset,
     is_published=release_is_current,
 )
-
-
-@task(name="shard", task_run_name="shard-all", cache_policy=NO_CACHE)
-def shard_task(workdir: str, config: PipelineConfig, run_id: str) -> ShardSummary:
-    return SHARD.run(Layout(workdir), config, run_id)

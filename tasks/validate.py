@@ -22,13 +22,10 @@ from typing import NamedTuple
 
 import pyarrow as pa
 from PIL import Image, ImageFile
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from rs5m.config import PipelineConfig, ValidateConfig
-from storage.layout import Layout
-from storage.schemas import DOWNLOAD_SCHEMA, VALIDATE_SCHEMA
-from tasks.harness import ShardStage, ShardSummary
+from rs5m.config import ValidateConfig
+from storage.schemas import VALIDATE_SCHEMA
+from tasks.harness import Report, ShardStage
 from tasks.stage import ShardOutcome, split_by_reason
 
 REASONS = {
@@ -37,6 +34,10 @@ REASONS = {
     "truncated": "the header is fine but the data ends early or is corrupt when fully decoded",
     "too_small": "the shorter side is below min_side",
 }
+
+# The columns validate adds to whatever rows it reads (PUB11's downloads, RS3's images).
+ADDED_FIELDS = tuple(VALIDATE_SCHEMA.field(name) for name in ("sha256", "width", "height", "image_format"))
+
 
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 
@@ -50,7 +51,8 @@ class _Check(NamedTuple):
 
 
 def validate_shard(table: pa.Table, config: ValidateConfig) -> ShardOutcome:
-    """Decide every row of a DOWNLOAD_SCHEMA shard; survivors come back in VALIDATE_SCHEMA, in input order."""
+    """Decide every row of a shard with an `image` column; survivors come back with their columns plus
+    sha256, width, height and image_format (VALIDATE_SCHEMA for a DOWNLOAD_SCHEMA shard), in input order."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Set process-wide by some other code; PIL would then pad truncated images instead of failing.
         raise RuntimeError(
@@ -77,16 +79,15 @@ def validate_shard(table: pa.Table, config: ValidateConfig) -> ShardOutcome:
                     heights.append(check.height)
                     formats.append(check.image_format)
     outcome = split_by_reason(table, pa.array(reasons, pa.string()), pa.array(details, pa.string()))
-    survivors = outcome.kept.select(DOWNLOAD_SCHEMA.names)
+    survivors = outcome.kept.drop_columns([f.name for f in ADDED_FIELDS if f.name in outcome.kept.column_names])
+    added = [
+        pa.chunked_array([hashes], pa.string()),
+        pa.chunked_array([widths], pa.int32()),
+        pa.chunked_array([heights], pa.int32()),
+        pa.chunked_array([formats], pa.string()),
+    ]
     kept = pa.Table.from_arrays(
-        [
-            *survivors.columns,
-            pa.chunked_array([hashes], pa.string()),
-            pa.chunked_array([widths], pa.int32()),
-            pa.chunked_array([heights], pa.int32()),
-            pa.chunked_array([formats], pa.string()),
-        ],
-        schema=VALIDATE_SCHEMA,
+        [*survivors.columns, *added], schema=pa.schema([*survivors.schema, *ADDED_FIELDS])
     )
     return ShardOutcome(kept=kept, decisions=outcome.decisions)
 
@@ -142,16 +143,18 @@ def _message(error: Exception) -> str:
     return str(error) or type(error).__name__
 
 
-VALIDATE = ShardStage(
-    name="validate",
-    upstream="download",
-    schema=VALIDATE_SCHEMA,
-    reasons=REASONS,
-    sections=("validate",),
-    make_processor=lambda config: functools.partial(validate_shard, config=config.validate_),
-)
+def validate_stage(name: str, upstream: str, report: Report) -> ShardStage:
+    """The validate stage over any upstream whose rows carry `image` bytes."""
+    return ShardStage(
+        name=name,
+        upstream=upstream,
+        reasons=REASONS,
+        sections=("validate",),
+        code_version="1",
+        report=report,
+        adds=ADDED_FIELDS,
+        make_processor=lambda config: functools.partial(validate_shard, config=config.validate_),
+    )
 
 
-@task(name="validate-shard", task_run_name="validate-{shard_id}", cache_policy=NO_CACHE)
-def validate_task(workdir: str, shard_id: str, config: PipelineConfig, run_id: str) -> ShardSummary:
-    return VALIDATE.run(Layout(workdir), shard_id, config, run_id)
+VALIDATE = validate_stage("validate", "download", Report("invalid images removed", "dropped"))

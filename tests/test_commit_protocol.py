@@ -70,7 +70,7 @@ def run(layout: Layout, minimum: int, **kw):
         stage="down",
         upstream="up",
         shard_id=SHARD,
-        schema=SCHEMA,
+        schema_of=lambda schema: schema,
         reasons=REASONS,
         fingerprint=f"threshold-{minimum}",
         run_id="r",
@@ -219,7 +219,7 @@ def test_a_stalled_shard_fails_with_where_it_was(tmp_path: Path) -> None:
 
 
 def _global_stage(minimum_from_config):
-    from tasks.harness import GlobalStage
+    from tasks.harness import GlobalStage, Report
 
     def make_processor(config):
         minimum = minimum_from_config(config)
@@ -227,10 +227,11 @@ def _global_stage(minimum_from_config):
 
     return GlobalStage(
         name="dedup",
-        upstream="up",
-        schema=SCHEMA,
         reasons=REASONS,
         sections=("dedup",),
+        code_version="1",
+        report=Report("duplicates removed", "dropped"),
+        inputs=lambda _config: ("up",),
         make_processor=make_processor,
     )
 
@@ -269,7 +270,7 @@ def test_a_global_stage_rewritten_under_another_config_never_keeps_the_old_marke
 def _ingest_crashing_after_the_first_shard(root: Path, source, config) -> None:
     import tasks.ingest
 
-    real, calls = tasks.ingest.commit_shard, []
+    real, calls = tasks.harness.commit_shard, []
 
     def commit_then_die(*args, **kwargs):
         calls.append(1)
@@ -277,7 +278,7 @@ def _ingest_crashing_after_the_first_shard(root: Path, source, config) -> None:
             os._exit(137)
         return real(*args, **kwargs)
 
-    tasks.ingest.commit_shard = commit_then_die
+    tasks.harness.commit_shard = commit_then_die
     tasks.ingest.ingest_source_shards(Layout(root), source, config, "r2")
 
 

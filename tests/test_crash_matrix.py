@@ -25,10 +25,9 @@ import yaml
 from rs5m.config import PipelineConfig, parse_config
 from storage.catalog import INTERRUPTED, stage_states
 from storage.layout import Layout
-from storage.markers import GLOBAL_UNIT, read_manifest
-from tasks import ingest
-from tasks.harness import GlobalStage, begin_stage, complete_stage
-from tasks.pipeline import PUB11_STAGES, STAGE_ORDER
+from storage.markers import read_manifest
+from tasks.harness import begin_stage, complete_stage
+from tasks.pipeline import STAGE_ORDER, STAGES
 
 pytestmark = pytest.mark.xdist_group(name="demo")  # reuses the session's demo run (tests/conftest.py)
 
@@ -52,24 +51,19 @@ CASES = [
 
 
 def run_stage(layout: Layout, name: str, config: PipelineConfig, run_id: str) -> None:
-    """One stage over all its units, as its flow does (flows/pub11.py), without Prefect."""
+    """One stage over all its units, as its flow does (flows/stages.py), without Prefect."""
+    stage = STAGES[name]
     begin_stage(layout, name, run_id)
-    if name == "ingest":
-        for source in config.sources:
-            ingest.ingest_source_shards(layout, source, config.ingest, run_id)
-        fingerprints = {s.name: ingest.ingest_fingerprint(config.ingest, s) for s in config.sources}
-        complete_stage(layout, stage="ingest", upstream=None, unit_fingerprints=fingerprints, run_id=run_id)
-        return
-    stage = next(info.stage for info in PUB11_STAGES if info.name == name)
-    if isinstance(stage, GlobalStage):
-        stage.run(layout, config, run_id)
-        fingerprints = {GLOBAL_UNIT: stage.fingerprint(config)}
-    else:
-        shards = list(read_manifest(layout, stage.upstream).shards)
-        for shard in shards:
-            stage.run(layout, shard, config, run_id)
-        fingerprints = dict.fromkeys(shards, stage.fingerprint(config))
-    complete_stage(layout, stage=name, upstream=stage.upstream, unit_fingerprints=fingerprints, run_id=run_id)
+    units = stage.units(layout, config)
+    for unit in units:
+        stage.run_unit(layout, unit, config, run_id)
+    complete_stage(
+        layout,
+        stage=name,
+        upstreams=stage.upstreams(config),
+        unit_fingerprints=stage.unit_fingerprints(config, units),
+        run_id=run_id,
+    )
 
 
 def crash_during(

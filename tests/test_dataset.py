@@ -159,6 +159,7 @@ def _synthetic_rows(image_sizes: list[int]) -> pa.Table:
             "sample_id": pa.array(ids),
             "url": pa.array([f"http://127.0.0.1/{i}" for i in ids]),
             "split": pa.array(["train"] * n),
+            "subset": pa.array(["pub11"] * n),
         }
     )
 

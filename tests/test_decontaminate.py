@@ -31,7 +31,6 @@ from tasks.decontaminate import (
     EvalSetIndex,
     build_eval_index,
     decontaminate_shard,
-    decontaminate_task,
 )
 from tasks.embed import shared_encoder
 from tests.helpers import near, unit
@@ -194,7 +193,7 @@ def test_stage_drops_eval_copies_through_the_harness(tmp_path: Path, originals: 
     checksum = sha256_file(layout.data("dedup", "00000"))
     write_manifest(layout, Manifest("dedup", "f", None, {"00000": checksum}, {}, {}, "r0", "now"))
 
-    summary = decontaminate_task.fn(str(layout.root), "00000", config, "r1")
+    summary = DECONTAMINATE.run(layout, "00000", config, "r1")
     assert summary.counts == {"kept": 1, "dropped:contaminated": 2}
     ledger = {r["sample_id"]: r for r in pq.read_table(layout.ledger("decontaminate", "00000")).to_pylist()}
     assert ledger["copy"]["detail"] == "eval set rsscn7: img0.jpg (hamming 0)"

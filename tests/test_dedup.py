@@ -18,7 +18,7 @@ from storage.atomic import write_parquet
 from storage.layout import Layout
 from storage.markers import Manifest, read_marker, sha256_file, write_manifest
 from storage.schemas import DEDUP_SCHEMA, FILTER_SCHEMA
-from tasks.dedup import DEDUP, REASONS, dedup_shards, dedup_task, exact_components, phash_matrix
+from tasks.dedup import DEDUP, REASONS, dedup_shards, exact_components, phash_matrix
 from tasks.harness import GLOBAL_UNIT
 from tests.helpers import near, unit
 
@@ -287,7 +287,7 @@ def test_global_stage_commits_every_shard_and_skips_when_current(
         workdir=layout.root, sources=[{"name": "web", "path": "x.parquet", "format": "parquet"}]
     )
 
-    summary = dedup_task.fn(str(layout.root), config, "r1")
+    summary = DEDUP.run(layout, config, "r1")
     assert (summary.skipped, summary.counts) == (False, {"kept": 2, "dropped:duplicate_perceptual": 1})
     assert read_marker(layout, "dedup", GLOBAL_UNIT).counts["00001"] == {
         "kept": 0,

@@ -176,16 +176,16 @@ def test_prefect_api_shows_the_run_its_tasks_and_artifacts(demo_run: Path, prefe
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[parent_id]))
         )
     by_key = {a.key: a for a in artifacts}
-    assert {"pub11-funnel", "pub11-summary", "pub11-eval-overlap"} <= set(by_key)
-    overlap = by_key["pub11-eval-overlap"].data
+    assert {"rs5m-funnel", "rs5m-summary", "rs5m-eval-overlap"} <= set(by_key)
+    overlap = by_key["rs5m-eval-overlap"].data
     overlap = json.loads(overlap) if isinstance(overlap, str) else overlap
     assert overlap == [{"eval_set": "demo_eval", "contaminated": len(expected_contaminated())}]
-    table = by_key["pub11-funnel"].data
+    table = by_key["rs5m-funnel"].data
     rows = json.loads(table) if isinstance(table, str) else table
     kept = {(r["stage"], r["source"]): r["kept"] for r in rows}
     report = report_json(demo_run)
     assert kept == {(s["stage"], n): c["kept"] for s in report["stages"] for n, c in s["sources"].items()}
-    assert "PUB11 funnel" in by_key["pub11-summary"].data
+    assert "RS5M funnel" in by_key["rs5m-summary"].data
 
 
 def canonical(workdir: Path) -> tuple[list, list]:

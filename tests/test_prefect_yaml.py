@@ -19,5 +19,5 @@ def test_every_deployment_names_a_flow_and_valid_parameters() -> None:
         path, _, name = deployment["entrypoint"].partition(":")
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
         flow = getattr(module, name)
-        assert flow.name == "pub11"
+        assert flow.name == deployment["name"]
         PipelineConfig.model_validate(deployment["parameters"]["config"])

@@ -1,0 +1,151 @@
+"""One Prefect flow per stage, generated from the stage objects of tasks/pipeline.py: each maps one task over
+the stage's units (its sources, its upstream's shards, or the single unit of a global stage), then records
+the stage complete. The Prefect server sees a few task runs per shard, never one per sample; flows pass the
+config, unit ids and the work directory, and the data stays in Parquet.
+
+Units are independent: a failed unit fails its stage only after the others have committed, and the rerun
+redoes just the missing ones. A source that cannot be read (a source stage's unit) fails alone: the stage
+completes without it, the run ends Failed naming it, and a rerun picks it up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from prefect import Flow, flow, get_run_logger, task, unmapped
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.run_control import entered_stage
+from rs5m.config import PipelineConfig
+from storage.catalog import COMPLETE, stage_states
+from storage.layout import Layout
+from storage.lock import workdir_lock
+from tasks.harness import (
+    ShardSummary,
+    SourceStage,
+    Stage,
+    StageInputError,
+    begin_stage,
+    complete_stage,
+    fail_stage,
+)
+from tasks.pipeline import STAGES, refresh_workdir_catalog, workdir_stage_order
+from tasks.retry import retry_if_transient
+
+
+class StageFailed(RuntimeError):
+    """Some units of a stage failed; the others are committed and a rerun resumes."""
+
+
+def run_id_or_flow_run(run_id: str | None) -> str:
+    return run_id or str(flow_run.get_id() or "local")
+
+
+@task(task_run_name="{stage}-{unit}", cache_policy=NO_CACHE)
+def run_unit(workdir: str, stage: str, unit: str, config: PipelineConfig, run_id: str) -> ShardSummary:
+    """One unit of one stage, through the stage object's plain code (tasks/)."""
+    return STAGES[stage].run_unit(Layout(workdir), unit, config, run_id)
+
+
+def _unit_task(stage: Stage) -> Any:
+    return run_unit.with_options(
+        name=f"{stage.name}-unit",
+        retries=stage.retries,
+        retry_delay_seconds=list(stage.retry_delays_s),
+        retry_condition_fn=retry_if_transient if stage.retries else None,
+    )
+
+
+UNIT_TASKS = {name: _unit_task(stage) for name, stage in STAGES.items()}
+
+
+def _collect(units: list[str], futures: Any) -> tuple[list[ShardSummary], dict[str, str]]:
+    """Wait for every unit's task; the summaries of those that completed, and unit -> error for the rest."""
+    futures.wait()
+    summaries: list[ShardSummary] = []
+    failed: dict[str, str] = {}
+    for unit, future in zip(units, futures, strict=True):
+        if future.state.is_completed():
+            summaries.append(future.result())
+        else:
+            failed[unit] = future.state.message or "failed"
+            get_run_logger().error("%s failed: %s", unit, failed[unit])
+    return summaries, failed
+
+
+def _require_upstreams(layout: Layout, stage: Stage, config: PipelineConfig) -> None:
+    order = list(dict.fromkeys([*workdir_stage_order(layout), *stage.upstreams(config)]))
+    states = {s.stage: s.status for s in stage_states(layout, order)}
+    for upstream in stage.upstreams(config):
+        if states[upstream] != COMPLETE:
+            raise StageInputError(
+                f"stage {stage.name!r} reads stage {upstream!r}, which is {states[upstream].replace('_', ' ')}; "
+                f"run {upstream!r} first (or the whole pipeline)"
+            )
+
+
+def run_stage(stage: Stage, config: PipelineConfig, run_id: str | None) -> dict[str, Any]:
+    """Run every unit of the stage, then record it complete (or failed, keeping what committed)."""
+    layout, run_id = Layout(config.workdir), run_id_or_flow_run(run_id)
+    with workdir_lock(layout, run_id):
+        _require_upstreams(layout, stage, config)
+        units = stage.units(layout, config)
+        stage_run_id = flow_run.get_id()
+        entered_stage(stage.name, UUID(str(stage_run_id)) if stage_run_id else None)
+        # from here until complete_stage, readers (and a killed run's work directory) show the stage and
+        # every later one as not complete
+        begin_stage(layout, stage.name, run_id)
+        refresh_workdir_catalog(layout)
+        futures = UNIT_TASKS[stage.name].map(
+            workdir=unmapped(str(layout.root)),
+            stage=unmapped(stage.name),
+            unit=units,
+            config=unmapped(config),
+            run_id=unmapped(run_id),
+        )
+        summaries, failed = _collect(units, futures)
+        failed_sources = failed if isinstance(stage, SourceStage) else {}
+        if failed and not failed_sources:
+            error = StageFailed(
+                f"stage {stage.name!r}: {len(failed)} of {len(units)} units failed "
+                f"({', '.join(sorted(failed)[:5])}...); the others are committed, rerun to resume: "
+                + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())[:3])
+            )
+            fail_stage(layout, stage.name, run_id, str(error))
+            refresh_workdir_catalog(layout)
+            raise error
+        complete_stage(
+            layout,
+            stage=stage.name,
+            upstreams=stage.upstreams(config),
+            unit_fingerprints=stage.unit_fingerprints(config, [u for u in units if u not in failed_sources]),
+            run_id=run_id,
+            failed_sources=failed_sources,
+        )
+        refresh_workdir_catalog(layout)
+        return {
+            "stage": stage.name,
+            "units": len(summaries),
+            "skipped": sum(s.skipped for s in summaries),
+            "failed": failed,
+        }
+
+
+def _stage_flow(stage: Stage) -> Flow:
+    @flow(name=stage.name, log_prints=True, description=f"Stage {stage.name}: {stage.report.column}")
+    def stage_flow(config: PipelineConfig, run_id: str | None = None) -> dict[str, Any]:
+        return run_stage(stage, config, run_id)
+
+    return stage_flow
+
+
+STAGE_FLOWS: dict[str, Flow] = {name: _stage_flow(stage) for name, stage in STAGES.items()}
+
+
+def stage_flow_for(stage: Stage, config: PipelineConfig) -> Flow:
+    """The stage's flow with as many threads as the runner config allows it units at once."""
+    workers = getattr(config.runner, stage.concurrency)
+    return STAGE_FLOWS[stage.name].with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
