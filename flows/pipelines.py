@@ -123,4 +123,5 @@ def _pipeline_flow(pipeline: Pipeline) -> Flow:
 PIPELINE_FLOWS: dict[str, Flow] = {pipeline.name: _pipeline_flow(pipeline) for pipeline in PIPELINES}
 # module attributes, for deployment entrypoints (prefect.yaml: flows/pipelines.py:pub11_flow)
 pub11_flow = PIPELINE_FLOWS["pub11"]
+rs3_flow = PIPELINE_FLOWS["rs3"]
 release_flow = PIPELINE_FLOWS["release"]

@@ -125,6 +125,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from rs5m.config import parse_config
     from rs5m.demo import DemoServer, write_demo_eval_set, write_demo_sources
+    from rs5m.demo_rs3 import write_demo_rs3
     from storage.atomic import write_text
     from storage.layout import Layout
 
@@ -137,13 +138,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"demo corpus served at {server.base_url}")
         write_demo_sources(layout.demo_sources(), server.base_url)
         write_demo_eval_set(layout.root / "demo_eval")
+        write_demo_rs3(layout.root / "demo_rs3")
         # the resolved config, so single stages can be rerun by hand: rs5m run WORKDIR/demo-config.yaml
         write_text(
             layout.root / "demo-config.yaml", yaml.safe_dump(config.model_dump(mode="json", by_alias=True))
         )
         code = run_pipeline(config, None)
     print(
-        "\nThe demo's images are synthetic and its URLs are on loopback.\n"
+        "\nThe demo's images are synthetic: web pairs served on loopback (PUB11), and label-only sets in the\n"
+        "fMoW, BigEarthNet v1 and image-folder layouts under demo_rs3/ (RS3).\n"
         f"Outputs in {workdir}:\n"
         f"  dataset/            the final Parquet shards, WebDataset tars and manifest.json\n"
         f"  catalog.duckdb      DuckDB views: samples, ledger, funnel, stages (open it read-only)\n"

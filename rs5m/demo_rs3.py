@@ -429,3 +429,17 @@ def write_demo_image_folder(root: Path) -> dict[str, dict[str, Any]]:
             expected[file] = _folder_metadata(file, row)
     write_text(root / "metadata.csv", csv_text.getvalue())
     return expected
+
+
+# The demo's RS3 sources: name -> (the folder under the demo's RS3 root, its writer). configs/demo.yaml names
+# the same folders.
+DEMO_RS3_SOURCES = {
+    "fmow_like": ("fmow", write_demo_fmow),
+    "bigearthnet_like": ("bigearthnet", write_demo_bigearthnet_v1),
+    "millionaid_like": ("image_folder", write_demo_image_folder),
+}
+
+
+def write_demo_rs3(root: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every demo RS3 source under root; per source name, what its writer returns."""
+    return {name: writer(root / folder) for name, (folder, writer) in DEMO_RS3_SOURCES.items()}

@@ -11,7 +11,7 @@ from storage.layout import Layout
 from storage.markers import read_manifest
 from storage.runs import effective_status, read_run_records
 from tasks.harness import Stage
-from tasks.pipeline import STAGES, refresh_workdir_catalog, workdir_stage_order
+from tasks.pipeline import PIPELINE_OF, RELEASE, STAGES, refresh_workdir_catalog, workdir_stage_order
 
 SourceCounts = dict[str, Any]  # {"in": n, "kept": n, "dropped": {reason: n}}
 
@@ -21,6 +21,7 @@ class StageFunnel:
     info: Stage
     status: str
     sources: dict[str, SourceCounts] = field(default_factory=dict)
+    upstreams: list[str] = field(default_factory=list)  # what it was built on (its manifest's record)
 
     def measure(self, source: str) -> int:
         counts = self.sources.get(source)
@@ -71,7 +72,13 @@ class FunnelReport:
         return {
             "workdir": self.workdir,
             "stages": [
-                {"stage": s.info.name, "rs5m_column": s.info.report.column, "sources": s.sources}
+                {
+                    "stage": s.info.name,
+                    "pipeline": PIPELINE_OF[s.info.name],
+                    "upstreams": s.upstreams,
+                    "rs5m_column": s.info.report.column,
+                    "sources": s.sources,
+                }
                 for s in self.complete
             ],
             "incomplete": [
@@ -90,7 +97,13 @@ def load_funnel(layout: Layout) -> FunnelReport:
         # a moved or copied work directory: its views still name the files at the old place
         refresh_workdir_catalog(layout)
     order = workdir_stage_order(layout)
-    status = {state.stage: state.status for state in stage_states(layout, order)}
+    states = stage_states(layout, order)
+    status = {state.stage: state.status for state in states}
+    built_on = {
+        state.stage: state.manifest.upstreams or []
+        for state in states
+        if state.manifest is not None and state.manifest.upstreams is not None
+    }
     con = open_catalog(layout)
     try:
         rows = con.sql("SELECT stage, source, fate, reason, n FROM funnel").fetchall()
@@ -112,9 +125,13 @@ def load_funnel(layout: Layout) -> FunnelReport:
         else:
             counts["dropped"][reason] = counts["dropped"].get(reason, 0) + n
     stages = [
-        StageFunnel(STAGES[name], status.get(name, "not_run"), per_stage.get(name, {})) for name in order
+        StageFunnel(
+            STAGES[name], status.get(name, "not_run"), per_stage.get(name, {}), built_on.get(name, [])
+        )
+        for name in order
     ]
     complete = [s for s in stages if s.status == COMPLETE]
+    # failed sources accumulate downstream: the last complete stage's manifest names them all
     manifest = read_manifest(layout, complete[-1].info.name) if complete else None
     records = read_run_records(layout)
     last_run = None
@@ -147,15 +164,25 @@ def _uses_random_weights(records: list[dict[str, Any]], stages: list[StageFunnel
     return newest["config"].get("clip", {}).get("pretrained") is None
 
 
-def _matrix(report: FunnelReport) -> tuple[list[str], list[list[str]]]:
-    """Sources by complete stages, each cell the number RS5M's table reports for that stage (the last
-    stage's column is RS5M's `remain`)."""
-    header = ["source", *(f"{s.info.report.column} ({s.info.name})" for s in report.complete)]
-    rows = []
-    for name in [*report.sources, "total"]:
-        names = report.sources if name == "total" else [name]
-        rows.append([name, *(str(sum(stage.measure(n) for n in names)) for stage in report.complete)])
-    return header, rows
+def _matrices(report: FunnelReport) -> list[tuple[str, list[str], list[list[str]]]]:
+    """One table per data pipeline: its sources by its complete stages and the release's, each cell the
+    number RS5M's table reports for that stage (the last stage's column is RS5M's `remain`)."""
+    tables = []
+    pipelines = dict.fromkeys(
+        PIPELINE_OF[s.info.name] for s in report.stages if PIPELINE_OF[s.info.name] != RELEASE.name
+    )
+    for pipeline in pipelines:
+        stages = [s for s in report.complete if PIPELINE_OF[s.info.name] in (pipeline, RELEASE.name)]
+        sources = sorted({name for s in stages if PIPELINE_OF[s.info.name] == pipeline for name in s.sources})
+        if not stages or not sources:
+            continue
+        header = ["source", *(f"{s.info.report.column} ({s.info.name})" for s in stages)]
+        rows = []
+        for name in [*sources, "total"]:
+            names = sources if name == "total" else [name]
+            rows.append([name, *(str(sum(stage.measure(n) for n in names)) for stage in stages)])
+        tables.append((pipeline, header, rows))
+    return tables
 
 
 def _reasons(counts: SourceCounts) -> str:
@@ -168,15 +195,17 @@ def funnel_text(report: FunnelReport) -> str:
     if not report.complete:
         lines.append("No stage has completed yet.")
     else:
-        header, rows = _matrix(report)
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        for row in [header, *rows]:
-            lines.append(
-                "  ".join(
-                    cell.rjust(w) if i else cell.ljust(w)
-                    for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        for pipeline, header, rows in _matrices(report):
+            lines.append(f"{pipeline}:")
+            widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+            for row in [header, *rows]:
+                lines.append(
+                    "  ".join(
+                        cell.rjust(w) if i else cell.ljust(w)
+                        for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+                    )
                 )
-            )
+            lines.append("")
         lines += [
             "",
             "Per stage (in -> kept; dropped by reason). RS5M column: what RS5M's tables report for it.",
@@ -212,8 +241,8 @@ def _overlap(report: FunnelReport) -> str:
 
 def funnel_markdown(report: FunnelReport, workdir: str) -> str:
     lines = [f"# RS5M funnel\n\nWork directory: `{workdir}`\n"]
-    if report.complete:
-        header, rows = _matrix(report)
+    for pipeline, header, rows in _matrices(report):
+        lines.append(f"\n## {pipeline}\n")
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         lines += ["| " + " | ".join(row) + " |" for row in rows]

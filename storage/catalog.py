@@ -65,7 +65,11 @@ def stage_states(layout: Layout, stage_order: Sequence[str]) -> list[StageState]
                 writer_active = is_held(layout) if writer_active is None else writer_active
                 status = RUNNING if writer_active else INTERRUPTED
         else:
-            upstreams = manifest.upstreams or list(stage_order[position - 1 : position])
+            upstreams = (
+                manifest.upstreams
+                if manifest.upstreams is not None
+                else list(stage_order[position - 1 : position])  # older manifests: the stage before
+            )
             current = all(status_of.get(upstream) == COMPLETE for upstream in upstreams)
             built_on_now = manifest.upstream_identity == upstreams_identity(layout, upstreams)
             status = COMPLETE if current and built_on_now else STALE

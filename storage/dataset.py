@@ -31,6 +31,7 @@ import tarfile
 from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -439,11 +440,20 @@ def _write_samples(tar: tarfile.TarFile, rows: pa.Table) -> None:
         metadata = {**row, "extra": json.loads(row["extra"]) if row["extra"] is not None else None}
         members = {
             f"{key}.{image_extension(row['image_format'])}": image,
-            f"{key}.json": json.dumps(metadata, sort_keys=True, ensure_ascii=False).encode(),
+            f"{key}.json": json.dumps(
+                metadata, sort_keys=True, ensure_ascii=False, default=_json_value
+            ).encode(),
             f"{key}.txt": (row["caption"] or "").encode(),
         }
         for name in sorted(members):
             _add_member(tar, name, members[name])
+
+
+def _json_value(value: Any) -> str:
+    """What JSON cannot hold as is: a timestamp, as ISO 8601 with its UTC offset."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

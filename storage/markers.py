@@ -157,7 +157,7 @@ class Manifest:
     failed_sources: dict[str, str]  # source -> error, for sources that could not be read
     run_id: str
     finished_at: str
-    upstreams: list[str] = field(default_factory=list)  # the stages it was built on
+    upstreams: list[str] | None = None  # the stages it was built on ([] for a first stage; None: not recorded)
 
 
 def write_manifest(layout: Layout, manifest: Manifest) -> None:

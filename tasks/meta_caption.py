@@ -32,6 +32,7 @@ Fields (caption_fields). A field that is missing, null or unusable is absent, ne
   month_year          "April 2012" (English month names, whatever the locale).
   class_label         the class, underscores as spaces, lower-case as in RS5M; for a row with labels but no
                       class (BigEarthNet) the joined labels, so the class-only family can still name them.
+                      fMoW's false_detection (a box around none of its categories) is no class.
   class_labels        BigEarthNet's labels in their order, cleaned the same way, joined by "; " (several
                       labels contain a comma themselves: "beaches, dunes, sands").
   relative_location   the cell of a 3x3 grid holding the centre of the first bounding box, relative to
@@ -308,7 +309,11 @@ def caption_fields(row: Mapping[str, Any], config: MetaCaptionConfig, source_for
     if isinstance(labels, list | tuple):
         joined = "; ".join(dict.fromkeys(label for label in map(_label, labels) if label))
         fields["class_labels"] = joined or None
-    fields["class_label"] = _label(row.get("class_label")) or fields.get("class_labels")
+    class_label = _label(row.get("class_label"))
+    # fMoW's false_detection marks a box around nothing of its categories: no class to name
+    fields["class_label"] = (None if class_label == "false detection" else class_label) or fields.get(
+        "class_labels"
+    )
     fields["relative_location"] = _relative_location(row)
     fields["ground_sample_distance"] = _bounded(row.get("gsd"), 0, math.inf, 2)
     if fields["ground_sample_distance"] == "0":  # below 5 mm: not a real ground sample distance

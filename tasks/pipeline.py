@@ -20,8 +20,20 @@ from models.clip import ensure_loadable
 from rs5m.config import ConfigError, PipelineConfig
 from storage.catalog import refresh_catalog
 from storage.layout import Layout
-from tasks import decontaminate, dedup, download, embed, ingest, keyword, shard, validate
-from tasks.harness import Stage
+from tasks import (
+    decontaminate,
+    dedup,
+    download,
+    embed,
+    ingest,
+    keyword,
+    rs3_ingest,
+    rs3_meta,
+    rs3_read,
+    shard,
+    validate,
+)
+from tasks.harness import Report, Stage
 
 
 @dataclass(frozen=True)
@@ -42,15 +54,29 @@ PUB11 = Pipeline(
     configured=lambda config: bool(config.sources),
     image_stage="validate",
 )
+RS3 = Pipeline(
+    "rs3",
+    (
+        rs3_ingest.RS3_INGEST,
+        rs3_read.RS3_READ,
+        validate.validate_stage("rs3_validate", "rs3_read", Report("(ours) invalid images removed", "dropped")),
+        rs3_meta.RS3_META,
+        embed.embed_stage("rs3_embed", "rs3_meta", Report("(ours) embedded", "kept")),
+        tasks.filter.score_stage("rs3_score", "rs3_embed", Report("(ours) scored, none removed", "kept")),
+    ),
+    configured=lambda config: config.rs3 is not None,
+    image_stage="rs3_validate",
+)
 RELEASE = Pipeline(
     "release",
     (dedup.DEDUP, decontaminate.DECONTAMINATE, shard.SHARD),
     configured=lambda config: True,
 )
-DATA_PIPELINES: tuple[Pipeline, ...] = (PUB11,)
+DATA_PIPELINES: tuple[Pipeline, ...] = (PUB11, RS3)
 PIPELINES: tuple[Pipeline, ...] = (*DATA_PIPELINES, RELEASE)
 STAGES: dict[str, Stage] = {stage.name: stage for pipeline in PIPELINES for stage in pipeline.stages}
 STAGE_ORDER: tuple[str, ...] = tuple(STAGES)
+PIPELINE_OF: dict[str, str] = {stage.name: pipeline.name for pipeline in PIPELINES for stage in pipeline.stages}
 PIPELINE_NAMES: tuple[str, ...] = tuple(pipeline.name for pipeline in PIPELINES)
 
 

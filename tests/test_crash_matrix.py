@@ -1,5 +1,5 @@
-"""The fault matrix for kills: each stage of the demo pipeline after download, killed at each of its commit
-steps, then rerun, ends with the same data, ledger, arrays, manifest (and release) as the uninterrupted
+"""The fault matrix for kills: each stage of the demo pipelines after download (RS3's own stages once),
+killed at each of its commit steps, then rerun, ends with the same data, ledger, arrays, manifest (and release) as the uninterrupted
 demo run, shows as interrupted in between, and leaves no temporaries.
 
 The kill is `os._exit(137)` on the N-th call of a commit function in a child process: no finally block
@@ -41,12 +41,14 @@ STEPS = {
 # Stages whose libraries run OpenMP thread pools (torch, faiss), which do not survive a fork: their child
 # is spawned (a fresh interpreter), the others are forked (milliseconds).
 SPAWNED = {"embed", "filter", "dedup", "decontaminate"}
+# RS3's stages that run code of their own (its validate, embed and score are PUB11's stages' code)
+RS3_OWN = ("rs3_ingest", "rs3_read", "rs3_meta")
 CASES = [
     (stage, step)
     for stage in STAGE_ORDER
-    if stage != "download"
+    if stage != "download" and (not stage.startswith("rs3_") or stage in RS3_OWN)
     for step in STEPS
-    if step != "mid_release" or stage == "shard"
+    if (step != "mid_release" or stage == "shard") and (step == "mid_unit" or not stage.startswith("rs3_"))
 ]
 
 
@@ -121,6 +123,8 @@ def demo_config(workdir: Path) -> PipelineConfig:
         source["path"] = str(workdir / "demo_sources" / Path(source["path"]).name)
     for eval_set in data["decontaminate"]["eval_sets"]:
         eval_set["path"] = str(workdir / Path(eval_set["path"]).name)
+    for source in data["rs3"]["sources"]:
+        source["path"] = str(workdir / "demo_rs3" / Path(source["path"]).name)
     return parse_config(data)
 
 

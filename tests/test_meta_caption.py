@@ -387,3 +387,14 @@ def test_resolve_templates(tmp_path: Path) -> None:
     templates = TemplateSet.read(resolve_templates(str(custom)))
     # an unknown placeholder is allowed but never filled; a family the file lacks is skipped
     assert meta_caption({"class_label": "a farm"}, ["fmow_complex", "cc3m"], templates, "s") is None
+
+
+def test_fmow_false_detection_is_not_named_as_a_class() -> None:
+    config = MetaCaptionConfig()
+    row = {"class_label": "false_detection", "latitude": 48.85, "longitude": 2.35}
+    fields = caption_fields(row, config, "fmow")
+    assert "class_label" not in fields and fields["country"] == "France"
+    caption, template = meta_caption(
+        fields, FAMILIES_BY_FORMAT["fmow"], TemplateSet.read(resolve_templates("rs5m-v1")), "s1"
+    )
+    assert "false detection" not in caption and template.startswith("yfcc14m_country")

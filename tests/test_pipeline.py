@@ -16,6 +16,9 @@ from uuid import UUID
 
 import duckdb
 import psutil
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -25,7 +28,10 @@ from storage.layout import Layout
 from storage.lock import workdir_lock
 from tests.helpers import BIN, DEMO_TIMEOUT_S, rs5m
 
-STAGES = ["ingest", "keyword", "download", "validate", "embed", "filter", "dedup", "decontaminate", "shard"]
+PUB11 = ["ingest", "keyword", "download", "validate", "embed", "filter"]
+RS3 = ["rs3_ingest", "rs3_read", "rs3_validate", "rs3_meta", "rs3_embed", "rs3_score"]
+RELEASE = ["dedup", "decontaminate", "shard"]
+STAGES = [*PUB11, *RS3, *RELEASE]
 # shares the session's demo run with tests/test_crash_matrix.py
 pytestmark = pytest.mark.xdist_group(name="demo")
 
@@ -43,15 +49,17 @@ def test_demo_funnel_matches_the_corpus_design(demo_run: Path) -> None:
     measured = {s["stage"]: s["sources"] for s in report["stages"]}
     designed = expected_funnel()
     assert {stage: measured[stage] for stage in designed} == designed
+    web = set(measured["ingest"])
     survivors = sum(c["kept"] for c in measured["validate"].values())
     # the demo's random-weight CLIP scores are noise: its filter keeps everything, and says so
     assert sum(c["kept"] for c in measured["embed"].values()) == survivors
     assert sum(c["kept"] for c in measured["filter"].values()) == survivors
     assert any("random weights" in note for note in report["notes"])
-    dropped_as_copies = sum(sum(c["dropped"].values()) for c in measured["dedup"].values())
+    dropped_as_copies = sum(sum(c["dropped"].values()) for n, c in measured["dedup"].items() if n in web)
     assert dropped_as_copies == sum(len(group) - 1 for group in expected_dedup())
     assert report["eval_overlap"] == {"demo_eval": len(expected_contaminated())}
-    assert sum(report["remain"].values()) == survivors - dropped_as_copies - len(expected_contaminated())
+    remain_web = sum(n for name, n in report["remain"].items() if name in web)
+    assert remain_web == survivors - dropped_as_copies - len(expected_contaminated())
 
 
 def test_dedup_finds_exactly_the_designed_groups(demo_run: Path) -> None:
@@ -97,9 +105,15 @@ def test_funnel_invariants(demo_run: Path) -> None:
     for stage in stages:
         for counts in stage["sources"].values():
             assert counts["in"] == counts["kept"] + sum(counts["dropped"].values())
-    for upstream, downstream in zip(stages, stages[1:], strict=False):
-        for name, counts in downstream["sources"].items():
-            assert counts["in"] == upstream["sources"][name]["kept"], (downstream["stage"], name)
+    by_name = {stage["stage"]: stage for stage in stages}
+    for stage in stages:  # a stage reads what its upstreams kept (the release reads both pipelines)
+        for name, counts in stage["sources"].items():
+            upstream = [
+                by_name[u]["sources"][name]["kept"]
+                for u in stage["upstreams"]
+                if name in by_name[u]["sources"]
+            ]
+            assert stage["upstreams"] == [] or counts["in"] == sum(upstream), (stage["stage"], name)
     sources = yaml.safe_load((demo_run / "demo-config.yaml").read_text())["sources"]
     con = duckdb.connect()
     for source in sources:
@@ -122,7 +136,7 @@ def test_every_sample_has_exactly_one_final_fate(demo_run: Path) -> None:
         "SELECT sample_id, arg_max(fate, s.position) AS fate, arg_max(l.stage, s.position) AS last_stage "
         "FROM ledger l JOIN stages s USING (stage) GROUP BY sample_id"
     ).fetchall()
-    ingested = con.sql("SELECT count(*) FROM ledger WHERE stage = 'ingest'").fetchall()[0][0]
+    ingested = con.sql("SELECT count(*) FROM ledger WHERE stage IN ('ingest', 'rs3_ingest')").fetchall()[0][0]
     assert len(final) == ingested
     kept = {sid for sid, fate, stage in final if fate == "kept"}
     assert all(stage == STAGES[-1] for sid, fate, stage in final if fate == "kept")
@@ -331,6 +345,8 @@ def copy_of_demo(demo_run: Path, workdir: Path) -> dict:
         source["path"] = str(workdir / "demo_sources" / Path(source["path"]).name)
     for eval_set in config["decontaminate"]["eval_sets"]:
         eval_set["path"] = str(workdir / Path(eval_set["path"]).name)
+    for source in config["rs3"]["sources"]:
+        source["path"] = str(workdir / Path(source["path"]).relative_to(demo_run))
     return config
 
 
@@ -352,7 +368,7 @@ def test_changing_a_stage_config_reruns_it_and_marks_later_stages_stale(
     result = rs5m("run", str(changed), "--stages", "keyword", env=prefect_server.env())
     assert result.returncode == 0, result.stderr[-5000:]
     report = report_json(workdir)
-    later = STAGES[STAGES.index("keyword") + 1 :]
+    later = [*PUB11[PUB11.index("keyword") + 1 :], *RELEASE]  # RS3's stages do not read keyword
     assert {s["stage"]: s["status"] for s in report["incomplete"]} == dict.fromkeys(later, "stale")
     before = {s["stage"]: s["sources"] for s in report_json(demo_run)["stages"]}
     after = {s["stage"]: s["sources"] for s in report["stages"]}
@@ -461,3 +477,68 @@ def test_concurrent_runs_on_one_work_directory_write_once(
     results = [run.communicate(timeout=DEMO_TIMEOUT_S) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in results]
     assert run_outputs(workdir) == uninterrupted_new_config
+
+
+def test_rs3_rows_carry_the_metadata_written_and_captions_built_from_it(
+    demo_run: Path, tmp_path: Path
+) -> None:
+    from rs5m.config import MetaCaptionConfig
+    from rs5m.demo_rs3 import DEMO_RS3_SOURCES, DROP_REASON, write_demo_rs3
+    from tasks.meta_caption import (
+        FAMILIES_BY_FORMAT,
+        TemplateSet,
+        caption_fields,
+        meta_caption,
+        resolve_templates,
+    )
+
+    written = write_demo_rs3(tmp_path / "rs3")  # the demo's files are deterministic: the same as it wrote
+    formats = {name: folder for name, (folder, _) in DEMO_RS3_SOURCES.items()}  # folders are named by format
+    assert set(formats) == set(written)
+    released = (
+        pa.concat_tables(pq.read_table(path) for path in sorted((demo_run / "dataset").glob("*/*.parquet")))
+        .filter(pc.equal(pc.field("subset"), "rs3"))
+        .to_pylist()
+    )
+    assert released and {row["source"] for row in released} == set(written)
+    templates = TemplateSet.read(resolve_templates("rs5m-v1"))
+    for row in released:
+        metadata = written[row["source"]][row["file"]]
+        for field, value in metadata.items():  # field by field, as written in the dataset's own format
+            expected = pytest.approx(value) if isinstance(value, float) else value
+            assert row[field] == expected, (row["file"], field)
+        fields = caption_fields(metadata, MetaCaptionConfig(), formats[row["source"]])
+        caption, template = meta_caption(
+            fields, FAMILIES_BY_FORMAT[formats[row["source"]]], templates, row["sample_id"]
+        )
+        assert (row["meta_caption"], row["meta_template"]) == (caption, template)
+        assert row["caption"] == caption
+        assert not any(bad in caption for bad in ("None", "nan", "{", "}"))
+        if row["source"] == "bigearthnet_like":  # the latitude band (8 degrees each from 80 S), not N/S
+            band = "CDEFGHJKLMNPQRSTUVWX"[min(int((metadata["latitude"] + 80) // 8), 19)]
+            assert metadata["utm_zone"].endswith(band) and f"utm zone {metadata['utm_zone']}" in caption
+        if formats[row["source"]] == "fmow":
+            assert row["country"] in caption
+    # the designed drops: each broken sample dropped by rs3_read with its reason; each fMoW capture
+    # released once (its rgb and msrgb views are near-duplicates: dedup keeps one)
+    con = duckdb.connect(str(Layout(demo_run).catalog), read_only=True)
+    dropped = dict(
+        con.sql(
+            "SELECT i.file, l.reason FROM ledger l JOIN rs3_ingest i USING (sample_id) WHERE l.stage = 'rs3_read' AND l.fate = 'dropped'"
+        ).fetchall()
+    )
+    assert dropped == {
+        file: entry[DROP_REASON]
+        for files in written.values()
+        for file, entry in files.items()
+        if DROP_REASON in entry
+    }
+    fmow = [row["file"] for row in released if row["source"] == "fmow_like"]
+    captures = {file.rsplit("_", 1)[0] for file in fmow}
+    assert (
+        len(captures)
+        == len(fmow)
+        == len(
+            {f.rsplit("_", 1)[0] for f in written["fmow_like"] if DROP_REASON not in written["fmow_like"][f]}
+        )
+    )
