@@ -51,7 +51,9 @@ def run_pipelines(
     wait_for_lock: bool,
 ) -> Any:
     """The selected stages of the selected pipelines, in order, as one run of the work directory."""
-    check_config(config, stages, pipelines)  # deployments and API-triggered runs fail here too, before any work
+    check_config(
+        config, stages, pipelines
+    )  # deployments and API-triggered runs fail here too, before any work
     layout, run_id = Layout(config.workdir), run_id_or_flow_run(None)
     selected = selected_stages(config, pipelines, stages)
     with workdir_lock(layout, run_id, wait=wait_for_lock, on_wait=print):
@@ -75,7 +77,13 @@ def run_pipelines(
                 write_run_record(
                     layout,
                     run_id,
-                    {**record, "status": FAILED, "error": str(error), "results": results, "finished_at": now()},
+                    {
+                        **record,
+                        "status": FAILED,
+                        "error": str(error),
+                        "results": results,
+                        "finished_at": now(),
+                    },
                 )
                 raise
         report = load_funnel(layout)
@@ -83,7 +91,9 @@ def run_pipelines(
         print(funnel_markdown(report, str(layout.root)))
         failed_sources = report.failed_sources
         status = FAILED if failed_sources else COMPLETED
-        write_run_record(layout, run_id, {**record, "status": status, "finished_at": now(), "results": results})
+        write_run_record(
+            layout, run_id, {**record, "status": status, "finished_at": now(), "results": results}
+        )
     if failed_sources:
         return Failed(
             message="sources failed and were skipped (the others completed): "

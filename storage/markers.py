@@ -53,7 +53,8 @@ def stage_fingerprint(
     payload = {
         "stage": stage,
         "config": {
-            name: None if section is None else output_fields(section) for name, section in sorted(sections.items())
+            name: None if section is None else output_fields(section)
+            for name, section in sorted(sections.items())
         },
         "identity": identity,
         "code_version": code_version,
@@ -157,7 +158,9 @@ class Manifest:
     failed_sources: dict[str, str]  # source -> error, for sources that could not be read
     run_id: str
     finished_at: str
-    upstreams: list[str] | None = None  # the stages it was built on ([] for a first stage; None: not recorded)
+    upstreams: list[str] | None = (
+        None  # the stages it was built on ([] for a first stage; None: not recorded)
+    )
 
 
 def write_manifest(layout: Layout, manifest: Manifest) -> None:

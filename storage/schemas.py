@@ -81,7 +81,9 @@ BOUNDING_BOX = pa.struct(
     ]
 )
 RS3_METADATA_FIELDS = [
-    pa.field("file", pa.string(), nullable=False),  # the image file, or BigEarthNet patch, relative to the source
+    pa.field(
+        "file", pa.string(), nullable=False
+    ),  # the image file, or BigEarthNet patch, relative to the source
     pa.field("view", pa.string()),  # fmow: rgb | msrgb
     pa.field("class_label", pa.string()),  # fmow category, image-folder class (underscores kept)
     pa.field("labels", pa.list_(pa.string())),  # BigEarthNet's multi-labels

@@ -254,7 +254,9 @@ def run_source(
             outputs[shard_id], counts[shard_id] = committed.sha256, committed.counts
             files.update(committed.files)
             heartbeat()
-    write_marker(layout, Marker(stage, source, fingerprint, inputs, outputs, counts, run_id, now(), files=files))
+    write_marker(
+        layout, Marker(stage, source, fingerprint, inputs, outputs, counts, run_id, now(), files=files)
+    )
     return ShardSummary(stage, source, skipped=False, counts=total_counts(counts.values()))
 
 

@@ -59,7 +59,9 @@ RS3 = Pipeline(
     (
         rs3_ingest.RS3_INGEST,
         rs3_read.RS3_READ,
-        validate.validate_stage("rs3_validate", "rs3_read", Report("(ours) invalid images removed", "dropped")),
+        validate.validate_stage(
+            "rs3_validate", "rs3_read", Report("(ours) invalid images removed", "dropped")
+        ),
         rs3_meta.RS3_META,
         embed.embed_stage("rs3_embed", "rs3_meta", Report("(ours) embedded", "kept")),
         tasks.filter.score_stage("rs3_score", "rs3_embed", Report("(ours) scored, none removed", "kept")),
@@ -76,7 +78,9 @@ DATA_PIPELINES: tuple[Pipeline, ...] = (PUB11, RS3)
 PIPELINES: tuple[Pipeline, ...] = (*DATA_PIPELINES, RELEASE)
 STAGES: dict[str, Stage] = {stage.name: stage for pipeline in PIPELINES for stage in pipeline.stages}
 STAGE_ORDER: tuple[str, ...] = tuple(STAGES)
-PIPELINE_OF: dict[str, str] = {stage.name: pipeline.name for pipeline in PIPELINES for stage in pipeline.stages}
+PIPELINE_OF: dict[str, str] = {
+    stage.name: pipeline.name for pipeline in PIPELINES for stage in pipeline.stages
+}
 PIPELINE_NAMES: tuple[str, ...] = tuple(pipeline.name for pipeline in PIPELINES)
 
 

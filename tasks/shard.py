@@ -101,9 +101,9 @@ def dataset_rows(
         "split": pa.array([split_of(i, config.val_fraction) for i in ids], pa.string()),
         "subset": pa.array([subset] * rows, pa.string()),
     }
-    return pa.table(
-        {f.name: columns.get(f.name, pa.nulls(rows, f.type)) for f in DATASET_SCHEMA}
-    ).cast(DATASET_SCHEMA)
+    return pa.table({f.name: columns.get(f.name, pa.nulls(rows, f.type)) for f in DATASET_SCHEMA}).cast(
+        DATASET_SCHEMA
+    )
 
 
 def dataset_plan(

@@ -79,7 +79,9 @@ def validate_shard(table: pa.Table, config: ValidateConfig) -> ShardOutcome:
                     heights.append(check.height)
                     formats.append(check.image_format)
     outcome = split_by_reason(table, pa.array(reasons, pa.string()), pa.array(details, pa.string()))
-    survivors = outcome.kept.drop_columns([f.name for f in ADDED_FIELDS if f.name in outcome.kept.column_names])
+    survivors = outcome.kept.drop_columns(
+        [f.name for f in ADDED_FIELDS if f.name in outcome.kept.column_names]
+    )
     added = [
         pa.chunked_array([hashes], pa.string()),
         pa.chunked_array([widths], pa.int32()),
