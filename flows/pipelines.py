@@ -20,6 +20,7 @@ from prefect.states import Failed
 
 from flows.run_control import ActiveRun, stoppable
 from flows.stages import run_id_or_flow_run, stage_flow_for
+from rs5m.caption_quality import quality_artifact_rows
 from rs5m.config import PipelineConfig
 from rs5m.report import FunnelReport, funnel_markdown, funnel_table_rows, load_funnel
 from storage.layout import Layout
@@ -41,6 +42,12 @@ def publish_funnel(report: FunnelReport, workdir: str) -> None:
             key="rs5m-eval-overlap",
             table=[{"eval_set": name, "contaminated": n} for name, n in report.eval_overlap.items()],
             description="Training samples dropped as near-copies of evaluation images, per evaluation set",
+        )
+    if report.caption_quality:
+        create_table_artifact(
+            key="rs5m-caption-quality",
+            table=quality_artifact_rows(report.caption_quality),
+            description="RS3 model captions per source: duplicates, length, orientation words, CLIP score",
         )
 
 
@@ -73,6 +80,8 @@ def run_pipelines(
             try:
                 for stage in selected:
                     results.append(stage_flow_for(stage, config)(config=config, run_id=run_id))
+                report = load_funnel(layout)
+                publish_funnel(report, str(layout.root))
             except Exception as error:
                 write_run_record(
                     layout,
@@ -86,8 +95,6 @@ def run_pipelines(
                     },
                 )
                 raise
-        report = load_funnel(layout)
-        publish_funnel(report, str(layout.root))
         print(funnel_markdown(report, str(layout.root)))
         failed_sources = report.failed_sources
         status = FAILED if failed_sources else COMPLETED

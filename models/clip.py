@@ -65,6 +65,11 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 Precision = Literal["fp32", "bf16", "fp16"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 Decoder = Literal["auto", "pil", "torchvision"]
+# Views of an image encode_images can embed besides the image itself. They are applied to the preprocessed
+# square (resize of the short side, centre crop, normalise), which equals preprocessing the rotated or flipped
+# image: a quarter turn or a flip maps the centre crop onto the centre crop of the turned image.
+ImageView = Literal["rot0", "rot90", "rot180", "rot270", "hflip", "vflip"]
+ROTATIONS: tuple[ImageView, ...] = ("rot0", "rot90", "rot180", "rot270")
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -288,6 +293,8 @@ _worker_preprocess = None
 _worker_image_size: tuple[int, int] = (0, 0)
 _OWNER_POLL_SECONDS = 1.0
 _WAIT_POLL_SECONDS = 1.0
+# how long a dead decode process may go unnoticed by concurrent.futures before the caller gives up on it
+_DEAD_PROCESS_GRACE_SECONDS = 3.0
 
 
 def _init_decode_process(preprocess, image_size: tuple[int, int], owner_pid: int) -> None:
@@ -395,6 +402,10 @@ class DecodePool:
         processes = getattr(self._executor, "_processes", None) or {}
         return list(processes)
 
+    def has_dead_process(self) -> bool:
+        processes = dict(getattr(self._executor, "_processes", None) or {})
+        return any(process.exitcode is not None for process in processes.values())
+
     def died(self, what: str) -> DecodeWorkerDiedError:
         """The error to raise once this pool is broken (a process died), saying which processes ended how.
         Stops the pool (the executor has already stopped the other processes). Every caller gets the same."""
@@ -406,7 +417,14 @@ class DecodePool:
                 self._executor.shutdown(wait=False, cancel_futures=True)
                 if manager is not None and manager is not threading.current_thread():
                     # it terminates and reaps the other processes: every exit code is known once it ends
-                    manager.join(timeout=10)
+                    manager.join(timeout=2)
+                    if manager.is_alive():
+                        # stuck reading half a result (the process died while sending it): the other
+                        # processes hold the pipe open; ending them gives the manager its end of file
+                        for process in processes.values():
+                            with contextlib.suppress(ValueError, OSError):
+                                process.kill()
+                        manager.join(timeout=10)
                 codes = {pid: process.exitcode for pid, process in processes.items()}
                 exits = "; ".join(_exit_description(pid, code) for pid, code in codes.items())
                 self._exits = exits or "exit codes unknown"
@@ -456,15 +474,23 @@ class _DecodePools:
             pool.close(wait=wait, timeout=timeout)
 
 
-def _result(future: Future):
+def _result(future: Future, pool: DecodePool):
     """future.result(), waking every second: a thread blocked in a wait without a timeout never sees an exception
-    raised into it asynchronously (a stall watchdog's ShardStalled); one in a timed wait takes it at once."""
+    raised into it asynchronously (a stall watchdog's ShardStalled); one in a timed wait takes it at once.
+    Raises BrokenProcessPool when a process of `pool` has been dead for a while and the future is still
+    pending: concurrent.futures never notices a process killed while it was writing its result (its manager
+    thread waits for the rest of that message for ever)."""
+    dead_since: float | None = None
     while True:
         try:
             return future.result(timeout=_WAIT_POLL_SECONDS)
         except TimeoutError:
             if future.done():
                 raise
+            if pool.has_dead_process():
+                dead_since = dead_since or time.monotonic()
+                if time.monotonic() - dead_since > _DEAD_PROCESS_GRACE_SECONDS:
+                    raise BrokenProcessPool("a decode process died without the pool noticing") from None
 
 
 _LIVE_POOLS: weakref.WeakSet[DecodePool] = weakref.WeakSet()
@@ -582,6 +608,18 @@ def resize_crop_normalise(
     return pixels.to(dtype)
 
 
+def apply_view(pixels: torch.Tensor, view: ImageView) -> torch.Tensor:
+    """(n, C, H, W) -> the same images turned counter-clockwise (rot90: a quarter turn) or mirrored."""
+    quarter_turns = {"rot0": 0, "rot90": 1, "rot180": 2, "rot270": 3}
+    if view in quarter_turns:
+        return torch.rot90(pixels, quarter_turns[view], dims=(-2, -1))
+    if view == "hflip":
+        return torch.flip(pixels, dims=(-1,))
+    if view == "vflip":
+        return torch.flip(pixels, dims=(-2,))
+    raise ValueError(f"unknown image view {view!r}; known: rot0, rot90, rot180, rot270, hflip, vflip")
+
+
 def _normalised_float16(features: torch.Tensor) -> np.ndarray:
     return nnf.normalize(features.float(), dim=-1).cpu().numpy().astype(np.float16)
 
@@ -645,8 +683,11 @@ class ClipEncoder:
         *,
         num_workers: int | None = None,
         progress: Progress | None = None,
+        views: Sequence[ImageView] | None = None,
     ) -> np.ndarray:
-        """JPEG/PNG/... bytes -> (n, embed_dim) float16, L2-normalised rows, input order.
+        """JPEG/PNG/... bytes -> (n, embed_dim) float16, L2-normalised rows, input order; with `views`,
+        (n, len(views), embed_dim): each image decoded and preprocessed once, then embedded as each view
+        (apply_view), all views of a batch in one forward pass.
 
         Raises UndecodableImageError naming every undecodable input after the whole pass (the validate stage
         drops those before this one, so this is a data-integrity error, not a per-sample drop), and
@@ -654,23 +695,36 @@ class ClipEncoder:
         num_workers: decode processes for this call (default: the encoder's); 0 decodes in this process.
         progress: called after each encoded batch with its number of images (a heartbeat).
         """
+        for view in views or ():
+            apply_view(torch.zeros(1, 1, 1, 1), view)  # an unknown view fails before any work
+        encode = functools.partial(self._encode_pixels, views=tuple(views or ("rot0",)))
         if len(images) == 0:
-            return np.empty((0, self.embed_dim), dtype=np.float16)
+            empty = (0, self.embed_dim) if views is None else (0, len(views), self.embed_dim)
+            return np.empty(empty, dtype=np.float16)
         if self.decoder == "pil":
             workers = self.num_workers if num_workers is None else num_workers
-            chunks, undecodable = self._encode_images_pil(images, batch_size, workers, progress)
+            chunks, undecodable = self._encode_images_pil(images, batch_size, workers, progress, encode)
         else:
-            chunks, undecodable = self._encode_images_tensor(images, batch_size, progress)
+            chunks, undecodable = self._encode_images_tensor(images, batch_size, progress, encode)
         if undecodable:
             raise UndecodableImageError(undecodable, len(images))
-        return np.concatenate(chunks)
+        embeddings = np.concatenate(chunks)
+        return embeddings[:, 0] if views is None else embeddings
 
-    def _encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+    def _encode_pixels(self, pixels: torch.Tensor, views: tuple[ImageView, ...]) -> np.ndarray:
+        """(n, 3, H, W) preprocessed -> (n, len(views), embed_dim)."""
         pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
-        return _normalised_float16(self.model.encode_image(pixels))
+        batch = pixels if views == ("rot0",) else torch.cat([apply_view(pixels, view) for view in views])
+        embedded = _normalised_float16(self.model.encode_image(batch))
+        return embedded.reshape(len(views), len(pixels), -1).transpose(1, 0, 2)
 
     def _encode_images_pil(
-        self, images: Sequence[bytes], batch_size: int, workers: int, progress: Progress | None
+        self,
+        images: Sequence[bytes],
+        batch_size: int,
+        workers: int,
+        progress: Progress | None,
+        encode: Callable[[torch.Tensor], np.ndarray],
     ) -> tuple[list[np.ndarray], list[int]]:
         chunks: list[np.ndarray] = []
         undecodable: list[int] = []
@@ -680,7 +734,7 @@ class ClipEncoder:
                     images[start : start + batch_size], self.preprocess, self.image_size
                 )
                 undecodable.extend(start + i for i in failed)
-                chunks.append(self._encode_pixels(torch.from_numpy(pixels)))
+                chunks.append(encode(torch.from_numpy(pixels)))
                 _report(progress, len(pixels))
             return chunks, undecodable
         pool = self._decode_pools.get(workers)
@@ -700,11 +754,11 @@ class ClipEncoder:
                     if in_flight[0][0] >= batch_end:
                         break
                     start, future = in_flight.popleft()
-                    pixels, failed = _result(future)
+                    pixels, failed = _result(future, pool)
                     parts.append(pixels)
                     undecodable.extend(start + i for i in failed)
                 batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
-                chunks.append(self._encode_pixels(torch.from_numpy(batch)))
+                chunks.append(encode(torch.from_numpy(batch)))
                 _report(progress, batch_end - batch_start)
         except BrokenProcessPool as error:
             self._decode_pools.discard(pool)
@@ -720,7 +774,11 @@ class ClipEncoder:
         return self._decode_pools.process_ids()
 
     def _encode_images_tensor(
-        self, images: Sequence[bytes], batch_size: int, progress: Progress | None
+        self,
+        images: Sequence[bytes],
+        batch_size: int,
+        progress: Progress | None,
+        encode: Callable[[torch.Tensor], np.ndarray],
     ) -> tuple[list[np.ndarray], list[int]]:
         chunks, undecodable = [], []
         for start in range(0, len(images), batch_size):
@@ -729,9 +787,7 @@ class ClipEncoder:
             # undecodable slots get a black image so rows stay aligned; the caller raises before returning them
             black = torch.zeros((3, *self.image_size), dtype=torch.uint8, device=self.device)
             tensors = [black if t is None else t for t in decoded]
-            chunks.append(
-                self._encode_pixels(resize_crop_normalise(tensors, self.preprocess_cfg, self.dtype))
-            )
+            chunks.append(encode(resize_crop_normalise(tensors, self.preprocess_cfg, self.dtype)))
             _report(progress, len(decoded))
         return chunks, undecodable
 

@@ -297,12 +297,55 @@ class MetaCaptionConfig(Strict):
     )
 
 
+class CaptionConfig(Strict):
+    """BLIP-2 captions of RS3 images, ranked by the `clip` model across rotations (README: RS3 captions).
+    The defaults are RS5M's decoding (sampling, top-k 50, top-p 0.95, 50 tokens, no prompt)."""
+
+    model: str | None = Field(
+        "blip2-tiny",
+        description="blip2-tiny (shipped config, random weights: gibberish, offline), a hub name "
+        "(Salesforce/blip2-opt-2.7b, -6.7b) or a folder in save_pretrained layout; null: no model captions "
+        "(an RS3 caption is its meta caption, an image without one is dropped as no_caption_source).",
+    )
+    adapter: str | None = Field(
+        None, description="A peft LoRA adapter (folder or hub name) merged into the model on load."
+    )
+    seed: int = Field(0, description="Random initialisation of blip2-tiny (real weights ignore it).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Weights' precision; RS5M ran fp16 on GPU (the captions differ with it)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra=_SPEED_ONLY)
+    batch_size: int = Field(
+        16, ge=1, description="Images per generate() call.", json_schema_extra=_SPEED_ONLY
+    )
+    num_candidates: int = Field(10, ge=1, description="Captions sampled per image, then ranked.")
+    do_sample: bool = Field(True, description="false: the best num_candidates beams of a beam search.")
+    top_k: int = Field(50, ge=0, description="0: no top-k cut.")
+    top_p: float = Field(0.95, gt=0, le=1, description="1: no nucleus cut.")
+    max_length: int = Field(50, ge=1, description="Generated tokens at most.")
+    sampling_seed: int = Field(0, description="With the sample id, decides every sampled token.")
+    prompt: str | None = Field(None, description="Text BLIP-2 continues (none in RS5M).")
+    flips: bool = Field(
+        False, description="Also score each candidate on the horizontally and vertically mirrored image."
+    )
+    ssl_pool: int = Field(
+        5, ge=1, description="ssl_cap is chosen among this many best candidates by mean score (RS5M: five)."
+    )
+    choice: Literal["random", "top_cap", "ssl_cap"] = Field(
+        "random",
+        description="The model caption an image gets: random (RS5M: top_cap or ssl_cap with equal odds, "
+        "seeded by the sample id), or always one of them.",
+    )
+    choice_seed: int = 0
+
+
 class Rs3Config(Strict):
     sources: list[Rs3SourceConfig] = Field(min_length=1)
     shard_rows: int = Field(
         1000, ge=1, description="Images per RS3 shard (they are read whole: keep a shard's images in memory)."
     )
     meta: MetaCaptionConfig = MetaCaptionConfig()
+    caption: CaptionConfig = CaptionConfig()
 
     @field_validator("sources")
     @classmethod

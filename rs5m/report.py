@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.blip2 import TINY
+from rs5m.caption_quality import caption_quality, quality_table
 from storage.catalog import COMPLETE, catalog_root, open_catalog, stage_states
 from storage.layout import Layout
 from storage.markers import read_manifest
@@ -36,6 +38,11 @@ RANDOM_WEIGHTS_NOTE = (
     "CLIP has random weights (clip.pretrained is null): clip_score, rs_score and embedding similarities are "
     "noise; set clip.pretrained to real weights for a real dataset."
 )
+EXAMPLE_CHARS = 160  # of a caption shown in the text report (its end: the model caption)
+TINY_CAPTIONER_NOTE = (
+    "BLIP-2 is the shipped tiny model with random weights (rs3.caption.model: blip2-tiny): the model captions "
+    "are gibberish; set rs3.caption.model to Salesforce/blip2-opt-2.7b for a real dataset."
+)
 
 
 @dataclass(frozen=True)
@@ -46,10 +53,11 @@ class FunnelReport:
     eval_overlap: dict[str, int] = field(
         default_factory=dict
     )  # eval set -> training samples dropped as copies
-    random_weights: bool = False
+    notes: list[str] = field(default_factory=list)  # what makes the numbers meaningless (random weights)
     last_run: dict[str, Any] | None = (
         None  # run_id, status (as it is now: a killed run is interrupted), error
     )
+    caption_quality: dict[str, Any] | None = None  # rs5m/caption_quality.py
 
     @property
     def complete(self) -> list[StageFunnel]:
@@ -88,7 +96,8 @@ class FunnelReport:
             "last_run": self.last_run,
             "failed_sources": self.failed_sources,
             "eval_overlap": self.eval_overlap,
-            "notes": [RANDOM_WEIGHTS_NOTE] if self.random_weights else [],
+            "caption_quality": self.caption_quality,
+            "notes": self.notes,
         }
 
 
@@ -148,20 +157,30 @@ def load_funnel(layout: Layout) -> FunnelReport:
         stages,
         manifest.failed_sources if manifest else {},
         eval_overlap=overlap,
-        random_weights=_uses_random_weights(records, stages),
+        notes=_notes(records, stages),
         last_run=last_run,
+        caption_quality=caption_quality(layout, status),
     )
 
 
-def _uses_random_weights(records: list[dict[str, Any]], stages: list[StageFunnel]) -> bool:
-    """Whether the newest run that embedded anything used an unpretrained CLIP."""
-    if not any(s.info.name == "embed" and s.status == COMPLETE for s in stages):
-        return False
-    embedded = [r for r in records if "embed" in r.get("stages", [])]
-    if not embedded:
-        return False
-    newest = max(embedded, key=lambda r: r.get("started_at", ""))
-    return newest["config"].get("clip", {}).get("pretrained") is None
+def _newest_config(records: list[dict[str, Any]], stages: list[StageFunnel], stage_names: set[str]):
+    """The config of the newest run that ran one of `stage_names`, if one of them is complete."""
+    if not any(s.info.name in stage_names and s.status == COMPLETE for s in stages):
+        return None
+    ran = [r for r in records if stage_names & set(r.get("stages", []))]
+    return max(ran, key=lambda r: r.get("started_at", ""))["config"] if ran else None
+
+
+def _notes(records: list[dict[str, Any]], stages: list[StageFunnel]) -> list[str]:
+    """Warnings about what the newest runs used: an unpretrained CLIP, the tiny random BLIP-2."""
+    notes = []
+    embedded = _newest_config(records, stages, {"embed", "rs3_embed"})
+    if embedded is not None and embedded.get("clip", {}).get("pretrained") is None:
+        notes.append(RANDOM_WEIGHTS_NOTE)
+    captioned = _newest_config(records, stages, {"rs3_caption"})
+    if captioned is not None and (captioned.get("rs3") or {}).get("caption", {}).get("model") == TINY:
+        notes.append(TINY_CAPTIONER_NOTE)
+    return notes
 
 
 def _matrices(report: FunnelReport) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -197,14 +216,7 @@ def funnel_text(report: FunnelReport) -> str:
     else:
         for pipeline, header, rows in _matrices(report):
             lines.append(f"{pipeline}:")
-            widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-            for row in [header, *rows]:
-                lines.append(
-                    "  ".join(
-                        cell.rjust(w) if i else cell.ljust(w)
-                        for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-                    )
-                )
+            lines += _aligned([header, *rows])
             lines.append("")
         lines += [
             "",
@@ -230,9 +242,27 @@ def funnel_text(report: FunnelReport) -> str:
         lines.append(f"  FAILED source {name}: {error}")
     if report.eval_overlap:
         lines.append("Evaluation-set overlap (training samples dropped as near-copies): " + _overlap(report))
-    if report.random_weights:
-        lines.append(f"NOTE: {RANDOM_WEIGHTS_NOTE}")
+    if report.caption_quality:
+        lines += ["", "Model captions (rs3_caption; the chosen BLIP-2 caption, before the meta caption):"]
+        header, rows = quality_table(report.caption_quality)
+        lines += _aligned([header, *rows])
+        for source, examples in report.caption_quality["examples"].items():
+            for example in examples:
+                caption = example["caption"]
+                shown = caption if len(caption) <= EXAMPLE_CHARS else f"...{caption[-EXAMPLE_CHARS:]}"
+                lines.append(f"  e.g. {source} {example['file']}: {shown!r}")
+    lines += [f"NOTE: {note}" for note in report.notes]
     return "\n".join(lines)
+
+
+def _aligned(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(
+            cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
 
 
 def _overlap(report: FunnelReport) -> str:
@@ -251,8 +281,13 @@ def funnel_markdown(report: FunnelReport, workdir: str) -> str:
         lines.append(f"\n**Failed source `{name}`**: {error}")
     if report.eval_overlap:
         lines.append(f"\nEvaluation-set overlap (dropped as near-copies): {_overlap(report)}")
-    if report.random_weights:
-        lines.append(f"\n**Note:** {RANDOM_WEIGHTS_NOTE}")
+    if report.caption_quality:
+        header, rows = quality_table(report.caption_quality)
+        lines.append("\n## Model captions (rs3_caption)\n")
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += [f"\n**Note:** {note}" for note in report.notes]
     return "\n".join(lines)
 
 

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 
 from storage.atomic import atomic_path, fsync_dir, sha256_file, write_json
 from storage.layout import Layout
-from storage.schemas import META_CAPTION_FIELDS, RS3_METADATA_FIELDS
+from storage.schemas import META_CAPTION_FIELDS, MODEL_CAPTION_FIELDS, RS3_METADATA_FIELDS
 
 SPLITS = ("train", "val")
 FORMAT_VERSION = 1
@@ -67,8 +67,9 @@ DATASET_SCHEMA = pa.schema(
         pa.field("extra", pa.string()),  # the source's other columns, a JSON object
         pa.field("split", pa.string(), nullable=False),
         pa.field("subset", pa.string(), nullable=False),  # pub11 (web pairs) | rs3 (captioned RS datasets)
-        # RS3 rows only (null for pub11): the meta caption and the metadata it was built from
+        # RS3 rows only (null for pub11): the meta caption, the ranked model captions, and the metadata
         *META_CAPTION_FIELDS,
+        *MODEL_CAPTION_FIELDS,
         *(f.with_nullable(True) for f in RS3_METADATA_FIELDS),
     ]
 )

@@ -112,3 +112,23 @@ META_CAPTION_FIELDS = [
     pa.field("country", pa.string()),  # reverse-geocoded from latitude/longitude (offline)
     pa.field("city", pa.string()),
 ]
+# What the captioning stage adds to RS3 rows (tasks/rs3_caption.py): BLIP-2's candidates ranked by CLIP across
+# rotations. Scores are cosine(image view, caption), float32; a candidate's view_scores follow the views
+# rot0, rot90, rot180, rot270 (then hflip, vflip when rs3.caption.flips is set).
+CAPTION_CANDIDATE = pa.struct(
+    [
+        pa.field("text", pa.string()),
+        pa.field("mean_score", pa.float32()),
+        pa.field("view_scores", pa.list_(pa.float32())),
+    ]
+)
+MODEL_CAPTION_FIELDS = [
+    pa.field("caption_choice", pa.string()),  # top_cap | ssl_cap | meta (no model captions configured)
+    pa.field("caption_score", pa.float32()),  # the chosen model caption's mean score over the views
+    pa.field("top_cap", pa.string()),  # the best candidate by mean score
+    pa.field("top_cap_score", pa.float32()),
+    pa.field("ssl_cap", pa.string()),  # the most rotation-stable of the best five (README: RS3 captions)
+    pa.field("ssl_cap_score", pa.float32()),
+    pa.field("ssl_cap_spread", pa.float32()),  # standard deviation of its scores across the views
+    pa.field("caption_candidates", pa.list_(CAPTION_CANDIDATE)),  # the best five, best first
+]

@@ -29,7 +29,7 @@ from rs5m.config import ClipConfig, PipelineConfig
 from storage.schemas import EMBED_SCHEMA
 from tasks.harness import Report, ShardStage
 from tasks.stage import ShardOutcome, split_by_reason
-from tasks.watchdog import heartbeat
+from tasks.watchdog import heartbeat, holding
 
 HASH_THREADS = os.cpu_count() or 1
 
@@ -152,21 +152,17 @@ def _processor(config: PipelineConfig) -> Callable[[pa.Table], ShardOutcome]:
     shared = shared_encoder(config.clip)
 
     def process(table: pa.Table) -> ShardOutcome:
-        # waiting for another shard to finish encoding is not a stall of this one: keep beating meanwhile
-        while not shared.lock.acquire(timeout=1.0):
-            heartbeat()
-        try:
+        with holding(shared.lock):
             return embed_shard(
                 table, shared.encoder, batch_size=config.clip.batch_size, progress=lambda _n: heartbeat()
             )
-        finally:
-            shared.lock.release()
 
     return process
 
 
-def embed_stage(name: str, upstream: str, report: Report) -> ShardStage:
-    """The embed stage over any upstream whose rows carry validated `image` bytes and a `caption`."""
+def embed_stage(name: str, upstream: str, report: Report, images_from: str | None = None) -> ShardStage:
+    """The embed stage over any upstream whose rows carry a `caption` and validated `image` bytes (their own,
+    or those of the earlier stage `images_from`)."""
     return ShardStage(
         name=name,
         upstream=upstream,
@@ -178,6 +174,7 @@ def embed_stage(name: str, upstream: str, report: Report) -> ShardStage:
         adds=(EMBED_SCHEMA.field("phash"),),
         make_processor=_processor,
         identity=lambda config: model_identity(config.clip),
+        images_from=images_from,
     )
 
 

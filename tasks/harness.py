@@ -153,8 +153,11 @@ def upstream_checksum(layout: Layout, upstream: str, shard_id: str) -> str:
     return manifest.shards[shard_id]
 
 
-def read_verified_table(layout: Layout, upstream: str, shard_id: str, expected_sha256: str) -> pa.Table:
-    """The upstream shard's table, after checking the file against the checksum its stage recorded."""
+def read_verified_table(
+    layout: Layout, upstream: str, shard_id: str, expected_sha256: str, columns: list[str] | None = None
+) -> pa.Table:
+    """The upstream shard's table (or `columns` of it), after checking the file against the checksum its
+    stage recorded."""
     path = layout.data(upstream, shard_id)
     try:
         actual = sha256_file(path)
@@ -165,7 +168,17 @@ def read_verified_table(layout: Layout, upstream: str, shard_id: str, expected_s
             f"{layout.relative(path)} is {'missing' if actual is None else 'damaged'}: it does not match the "
             f"checksum stage {upstream!r} recorded; rerun the pipeline from {upstream!r} (it rebuilds the shard)"
         )
-    return pq.read_table(path)
+    return pq.read_table(path, columns=columns)
+
+
+def with_images(table: pa.Table, images: pa.Table) -> pa.Table:
+    """`table` with the `image` column of the rows of `images` that have its sample ids (every one must)."""
+    position = {sample_id: row for row, sample_id in enumerate(images.column("sample_id").to_pylist())}
+    try:
+        rows = [position[sample_id] for sample_id in table.column("sample_id").to_pylist()]
+    except KeyError as missing:
+        raise DamagedInputError(f"sample {missing} has no image in its image stage's shard") from None
+    return table.append_column("image", images.column("image").take(pa.array(rows, pa.int64())))
 
 
 def run_shard(
@@ -181,16 +194,25 @@ def run_shard(
     process: Callable[[pa.Table], ShardOutcome] | Callable[[pa.Table, Path], ShardOutcome],
     needs_scratch: bool = False,
     upstream_arrays: tuple[str, ...] = (),
+    images_from: str | None = None,
     verify: Verification = "checksum",
     stall_timeout_s: float | None = None,
 ) -> ShardSummary:
     inputs = {"data": upstream_checksum(layout, upstream, shard_id)}
+    if images_from is not None:
+        inputs["images"] = upstream_checksum(layout, images_from, shard_id)
     marker = current_marker(layout, stage, shard_id, fingerprint, inputs, verify)
     if marker is not None:
         return ShardSummary(stage, shard_id, skipped=True, counts=marker.counts[shard_id])
     remove_marker(layout, stage, shard_id)
     with watching(stage, shard_id, stall_timeout_s):
         table = read_verified_table(layout, upstream, shard_id, inputs["data"])
+        output_schema = schema_of(table.schema)
+        if images_from is not None:
+            images = read_verified_table(
+                layout, images_from, shard_id, inputs["images"], ["sample_id", "image"]
+            )
+            table = with_images(table, images)
         extra: dict[str, object] = {}
         if needs_scratch:
             extra["scratch_dir"] = layout.fresh_scratch(stage, shard_id)
@@ -198,7 +220,7 @@ def run_shard(
             extra["arrays"] = read_arrays(layout, upstream, shard_id, upstream_arrays, rows=table.num_rows)
         outcome = process(table, **extra)
     check_outcome(table.column("sample_id"), outcome, reasons, stage)
-    committed = commit_shard(layout, stage, shard_id, outcome, schema_of(table.schema), run_id, fingerprint)
+    committed = commit_shard(layout, stage, shard_id, outcome, output_schema, run_id, fingerprint)
     write_marker(
         layout,
         Marker(
@@ -330,6 +352,10 @@ def _no_identity(_config: PipelineConfig) -> dict[str, str]:
     return {}
 
 
+def _no_preflight(_config: PipelineConfig) -> None:
+    return None
+
+
 def schema_after(input_schema: pa.Schema, adds: tuple[pa.Field, ...], drops: tuple[str, ...]) -> pa.Schema:
     """A stage's output schema: its input's columns (without `drops`, and without columns it re-adds), then
     `adds`. Columns a stage does not know travel on unchanged, so one stage serves datasets of any shape."""
@@ -351,6 +377,8 @@ class Stage:
     code_version: str
     report: Report
     identity: Callable[[PipelineConfig], dict[str, str]] = _no_identity
+    # checks before any work that the fingerprint does not make (a model's files can be loaded); raises
+    preflight: Callable[[PipelineConfig], None] = _no_preflight
     retries: int = 0  # retries of a unit that failed for a transient reason (tasks/retry.py)
     retry_delays_s: tuple[float, ...] = (2, 10)
     concurrency: Literal["shard_concurrency", "download_concurrency"] = "shard_concurrency"
@@ -427,7 +455,8 @@ class ShardStage(Stage):
     Its output keeps the input's columns, minus `drops`, plus `adds` (schema_after). `make_processor` turns
     the config into the pure per-shard function once per task (compile a keyword list, load a model), so a
     shard only pays for its own data. `upstream_arrays` names the upstream's per-row arrays (embeddings)
-    the function reads.
+    the function reads. `images_from` names an earlier stage of the pipeline that keeps the image bytes: the
+    function then sees its rows with their `image`, which is never written again (images are stored once).
     """
 
     upstream: str
@@ -436,6 +465,7 @@ class ShardStage(Stage):
     drops: tuple[str, ...] = ()
     needs_scratch: bool = False
     upstream_arrays: tuple[str, ...] = ()
+    images_from: str | None = None
 
     def upstreams(self, config: PipelineConfig) -> tuple[str, ...]:
         return (self.upstream,)
@@ -462,6 +492,7 @@ class ShardStage(Stage):
             process=self.make_processor(config),
             needs_scratch=self.needs_scratch,
             upstream_arrays=self.upstream_arrays,
+            images_from=self.images_from,
             verify=config.runner.verify,
             stall_timeout_s=config.runner.stall_timeout_s,
         )

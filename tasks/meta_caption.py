@@ -14,7 +14,7 @@ never trades its class for place or time, because the class is what the caption 
 custom template file is skipped.) In the first family with at least one template whose placeholders are all
 in the row's fields, one of those templates is picked by sha256(family NUL sample_id): the same sample
 always gets the same template, and a missing field selects a template that does not need it. A row no
-family can fill is dropped as `no_caption_source`. Template ids are "<family>/<0-based index>".
+family can fill has no meta caption (tasks/rs3_caption.py decides its caption). Template ids are "<family>/<0-based index>".
 
 Fields (caption_fields). A field that is missing, null or unusable is absent, never "None", "nan" or empty.
   country, city       offline reverse geocoding (reverse_geocode: nearest GeoNames place of >= 1000 people)
@@ -72,11 +72,6 @@ import reverse_geocode
 
 from rs5m.config import RS3_FORMATS, MetaCaptionConfig
 from tasks.shipped import resolve_shipped
-
-REASONS = {
-    "no_caption_source": "no meta-caption template of the format's families can be filled from the row's "
-    "metadata (e.g. an unlabelled image folder without metadata)",
-}
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 # Bumped when a fill or selection rule changes, so that a stage fingerprint can change with it (the template

@@ -2,7 +2,8 @@
 catalogues or reports stages is derived from these lists (flows/, storage/catalog.py, rs5m/report.py).
 
 - PUB11: web image-text pairs, from URL lists to filtered, scored samples.
-- RS3: label-only remote-sensing datasets read in their own layouts, given meta captions.
+- RS3: label-only remote-sensing datasets read in their own layouts, given meta captions and BLIP-2
+  captions ranked with CLIP across rotations.
 - release: dedup and decontamination over the union of the data pipelines the config has, then the
   released dataset (`subset` says which pipeline a row came from).
 
@@ -27,6 +28,7 @@ from tasks import (
     embed,
     ingest,
     keyword,
+    rs3_caption,
     rs3_ingest,
     rs3_meta,
     rs3_read,
@@ -63,7 +65,10 @@ RS3 = Pipeline(
             "rs3_validate", "rs3_read", Report("(ours) invalid images removed", "dropped")
         ),
         rs3_meta.RS3_META,
-        embed.embed_stage("rs3_embed", "rs3_meta", Report("(ours) embedded", "kept")),
+        rs3_caption.RS3_CAPTION,
+        embed.embed_stage(
+            "rs3_embed", "rs3_caption", Report("(ours) embedded", "kept"), images_from="rs3_validate"
+        ),
         tasks.filter.score_stage("rs3_score", "rs3_embed", Report("(ours) scored, none removed", "kept")),
     ),
     configured=lambda config: config.rs3 is not None,
@@ -140,6 +145,7 @@ def check_config(
         raise ConfigError(f"clip: {error}") from None
     for stage in checks:
         try:
+            stage.preflight(config)
             stage.fingerprint(config)
         except (OSError, ValueError, RuntimeError) as error:
             raise ConfigError(f"stage {stage.name} ({', '.join(stage.sections)}): {error}") from None

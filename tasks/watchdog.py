@@ -56,6 +56,18 @@ def heartbeat() -> None:
         watch.last_beat = time.monotonic()
 
 
+@contextmanager
+def holding(lock: threading.Lock) -> Iterator[None]:
+    """Holds `lock` (a shared model's), beating while waiting for it: waiting for another shard to finish
+    with the model is not a stall of this one."""
+    while not lock.acquire(timeout=1.0):
+        heartbeat()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def stalled_process_message() -> str | None:
     """Why the watchdog interrupted the process, if it did."""
     return _stalled_process

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 BIN = Path(sys.executable).parent
-DEMO_TIMEOUT_S = 300
+DEMO_TIMEOUT_S = 600
 
 
 def rs5m(*args: str, env: dict[str, str], timeout: float = DEMO_TIMEOUT_S) -> subprocess.CompletedProcess:

@@ -40,9 +40,9 @@ STEPS = {
 }
 # Stages whose libraries run OpenMP thread pools (torch, faiss), which do not survive a fork: their child
 # is spawned (a fresh interpreter), the others are forked (milliseconds).
-SPAWNED = {"embed", "filter", "dedup", "decontaminate"}
+SPAWNED = {"embed", "filter", "dedup", "decontaminate", "rs3_caption"}
 # RS3's stages that run code of their own (its validate, embed and score are PUB11's stages' code)
-RS3_OWN = ("rs3_ingest", "rs3_read", "rs3_meta")
+RS3_OWN = ("rs3_ingest", "rs3_read", "rs3_meta", "rs3_caption")
 CASES = [
     (stage, step)
     for stage in STAGE_ORDER

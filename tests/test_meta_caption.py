@@ -16,7 +16,6 @@ from rs5m.config import RS3_FORMATS, MetaCaptionConfig
 from tasks.meta_caption import (
     FAMILIES_BY_FORMAT,
     FIELDS,
-    REASONS,
     TemplateSet,
     caption_fields,
     meta_caption,
@@ -97,7 +96,6 @@ def test_every_placeholder_is_fillable_and_every_format_has_its_families() -> No
     assert set(FAMILIES_BY_FORMAT) == set(RS3_FORMATS)
     for families in FAMILIES_BY_FORMAT.values():
         assert set(families) <= set(TEMPLATES.families)
-    assert set(REASONS) == {"no_caption_source"}
 
 
 def test_fmow_fields() -> None:

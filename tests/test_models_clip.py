@@ -406,3 +406,21 @@ def test_cuda_nvjpeg_path_matches_the_cpu_pil_path(tiny, synthetic_images):
     embeddings = gpu.encode_images(synthetic_images, 4)
     assert embeddings.dtype == np.float16
     assert _row_cosines(embeddings, tiny.encode_images(synthetic_images, 4)).min() > 0.98
+
+
+def test_a_dead_decode_process_the_pool_never_noticed_still_ends_the_wait() -> None:
+    """A process killed while writing its result leaves concurrent.futures' manager thread waiting for the rest
+    of the message, and the future pending, for ever (seen once in CI); the wait must end anyway."""
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    from models.clip import _result
+
+    class DeadPool:
+        def has_dead_process(self) -> bool:
+            return True
+
+    started = time.monotonic()
+    with pytest.raises(BrokenProcessPool, match="died without the pool noticing"):
+        run_bounded(lambda: _result(Future(), DeadPool()), timeout_s=30)
+    assert time.monotonic() - started < 10

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -29,7 +30,7 @@ from storage.lock import workdir_lock
 from tests.helpers import BIN, DEMO_TIMEOUT_S, rs5m
 
 PUB11 = ["ingest", "keyword", "download", "validate", "embed", "filter"]
-RS3 = ["rs3_ingest", "rs3_read", "rs3_validate", "rs3_meta", "rs3_embed", "rs3_score"]
+RS3 = ["rs3_ingest", "rs3_read", "rs3_validate", "rs3_meta", "rs3_caption", "rs3_embed", "rs3_score"]
 RELEASE = ["dedup", "decontaminate", "shard"]
 STAGES = [*PUB11, *RS3, *RELEASE]
 # shares the session's demo run with tests/test_crash_matrix.py
@@ -54,7 +55,8 @@ def test_demo_funnel_matches_the_corpus_design(demo_run: Path) -> None:
     # the demo's random-weight CLIP scores are noise: its filter keeps everything, and says so
     assert sum(c["kept"] for c in measured["embed"].values()) == survivors
     assert sum(c["kept"] for c in measured["filter"].values()) == survivors
-    assert any("random weights" in note for note in report["notes"])
+    assert any(note.startswith("CLIP has random weights") for note in report["notes"])
+    assert any(note.startswith("BLIP-2 is the shipped tiny model") for note in report["notes"])
     dropped_as_copies = sum(sum(c["dropped"].values()) for n, c in measured["dedup"].items() if n in web)
     assert dropped_as_copies == sum(len(group) - 1 for group in expected_dedup())
     assert report["eval_overlap"] == {"demo_eval": len(expected_contaminated())}
@@ -190,7 +192,10 @@ def test_prefect_api_shows_the_run_its_tasks_and_artifacts(demo_run: Path, prefe
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[parent_id]))
         )
     by_key = {a.key: a for a in artifacts}
-    assert {"rs5m-funnel", "rs5m-summary", "rs5m-eval-overlap"} <= set(by_key)
+    assert {"rs5m-funnel", "rs5m-summary", "rs5m-eval-overlap", "rs5m-caption-quality"} <= set(by_key)
+    quality = by_key["rs5m-caption-quality"].data
+    quality = json.loads(quality) if isinstance(quality, str) else quality
+    assert {row["source"] for row in quality} == {"fmow_like", "bigearthnet_like", "millionaid_like", "(all)"}
     overlap = by_key["rs5m-eval-overlap"].data
     overlap = json.loads(overlap) if isinstance(overlap, str) else overlap
     assert overlap == [{"eval_set": "demo_eval", "contaminated": len(expected_contaminated())}]
@@ -512,7 +517,13 @@ def test_rs3_rows_carry_the_metadata_written_and_captions_built_from_it(
             fields, FAMILIES_BY_FORMAT[formats[row["source"]]], templates, row["sample_id"]
         )
         assert (row["meta_caption"], row["meta_template"]) == (caption, template)
-        assert row["caption"] == caption
+        # the final caption: meta caption + the chosen BLIP-2 caption (image folders: the latter alone)
+        chosen = row[row["caption_choice"]]
+        assert chosen and chosen in {candidate["text"] for candidate in row["caption_candidates"]}
+        prefixed = formats[row["source"]] != "image_folder" and caption is not None
+        assert row["caption"] == (f"{caption} {chosen}" if prefixed else chosen)
+        if caption is None:
+            continue
         assert not any(bad in caption for bad in ("None", "nan", "{", "}"))
         if row["source"] == "bigearthnet_like":  # the latitude band (8 degrees each from 80 S), not N/S
             band = "CDEFGHJKLMNPQRSTUVWX"[min(int((metadata["latitude"] + 80) // 8), 19)]
@@ -542,3 +553,38 @@ def test_rs3_rows_carry_the_metadata_written_and_captions_built_from_it(
             {f.rsplit("_", 1)[0] for f in written["fmow_like"] if DROP_REASON not in written["fmow_like"][f]}
         )
     )
+
+
+def test_caption_quality_report_measures_the_chosen_model_captions(demo_run: Path) -> None:
+    from tasks.rs3_caption import names_orientation
+
+    quality = report_json(demo_run)["caption_quality"]
+    rows = pq.read_table(demo_run / "rs3_caption" / "data").to_pylist()
+    by_source: dict[str, list[dict]] = {}
+    for row in rows:
+        by_source.setdefault(row["source"], []).append(row)
+    assert set(quality["sources"]) == set(by_source)
+    for source, group in [*by_source.items(), ("(all)", rows)]:
+        measured = quality["all"] if source == "(all)" else quality["sources"][source]
+        chosen = [row[row["caption_choice"]] for row in group]
+        # words: split at RE2's \s (DuckDB), which leaves out Python's other whitespace characters
+        words = sorted(len(re.split(r"[\t\n\f\r ]+", text)) for text in chosen)
+        candidates = [c["text"] for row in group for c in row["caption_candidates"]]
+        assert measured["images"] == len(group)
+        assert measured["duplicate_share"] == pytest.approx(1 - len(set(chosen)) / len(chosen))
+        assert measured["words_mean"] == pytest.approx(sum(words) / len(words))
+        assert measured["words_max"] == words[-1]
+        assert measured["orientation_share"] == pytest.approx(
+            sum(map(names_orientation, chosen)) / len(chosen)
+        )
+        assert measured["candidate_orientation_share"] == pytest.approx(
+            sum(map(names_orientation, candidates)) / len(candidates)
+        )
+        assert measured["caption_score_mean"] == pytest.approx(
+            sum(row["caption_score"] for row in group) / len(group), abs=1e-6
+        )
+    examples = quality["examples"]["millionaid_like"]
+    first = min(by_source["millionaid_like"], key=lambda row: row["sample_id"])
+    assert examples[0]["sample_id"] == first["sample_id"] and examples[0]["caption"] == first["caption"]
+    text = rs5m("report", str(demo_run), env=dict(os.environ), timeout=60).stdout
+    assert "Model captions" in text and "orientation" in text

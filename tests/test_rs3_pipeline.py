@@ -55,6 +55,7 @@ def test_an_rs3_only_config_runs_rs3_and_releases_it_alone(
                 "workdir": "work",
                 "rs3": {
                     "shard_rows": 4,
+                    "caption": {"num_candidates": 4, "max_length": 16},
                     "sources": [
                         {
                             "name": "ben_v1",
@@ -91,6 +92,7 @@ def test_an_rs3_only_config_runs_rs3_and_releases_it_alone(
         "rs3_read",
         "rs3_validate",
         "rs3_meta",
+        "rs3_caption",
         "rs3_embed",
         "rs3_score",
         "dedup",
@@ -117,7 +119,10 @@ def test_an_rs3_only_config_runs_rs3_and_releases_it_alone(
         and airport["utm_zone"] == "15S"
         and airport["country"] == "United States"
     )
-    assert "airport" in airport["caption"] and airport["caption"] == airport["meta_caption"]
+    assert (
+        airport["caption"].startswith(airport["meta_caption"] + " ") and "airport" in airport["meta_caption"]
+    )
+    assert airport["caption"].endswith(" " + airport[airport["caption_choice"]])
     ben = [row for row in released if row["source"] == "ben_v1"]
     assert ben and all(row["labels"] and row["image_format"] == "PNG" for row in ben)
     assert all(f"utm zone {row['utm_zone']}" in row["caption"] for row in ben)
