@@ -620,12 +620,20 @@ def apply_view(pixels: torch.Tensor, view: ImageView) -> torch.Tensor:
     raise ValueError(f"unknown image view {view!r}; known: rot0, rot90, rot180, rot270, hflip, vflip")
 
 
-def _normalised_float16(features: torch.Tensor) -> np.ndarray:
-    return nnf.normalize(features.float(), dim=-1).cpu().numpy().astype(np.float16)
+def _embeddings(features: torch.Tensor, normalize: bool) -> np.ndarray:
+    """The model's output rows as numpy: L2-normalised float16, or (normalize=False) the raw float32 features."""
+    if normalize:
+        return nnf.normalize(features.float(), dim=-1).cpu().numpy().astype(np.float16)
+    return features.float().cpu().numpy()
+
+
+def _embedding_dtype(normalize: bool) -> type[np.floating]:
+    return np.float16 if normalize else np.float32
 
 
 class ClipEncoder:
-    """A loaded CLIP model; encodes image bytes and captions to L2-normalised float16 embeddings.
+    """A loaded CLIP model; encodes image bytes and captions to L2-normalised float16 embeddings (or, with
+    normalize=False, to the model's raw float32 features, as zero-shot evaluation protocols need).
 
     With decoder "pil" and num_workers > 0 it owns decode processes, started by the first encode_images call and
     reused by every later one (a 64-image shard does not pay their start-up). They stop at close(), when the
@@ -684,10 +692,12 @@ class ClipEncoder:
         num_workers: int | None = None,
         progress: Progress | None = None,
         views: Sequence[ImageView] | None = None,
+        normalize: bool = True,
     ) -> np.ndarray:
         """JPEG/PNG/... bytes -> (n, embed_dim) float16, L2-normalised rows, input order; with `views`,
         (n, len(views), embed_dim): each image decoded and preprocessed once, then embedded as each view
-        (apply_view), all views of a batch in one forward pass.
+        (apply_view), all views of a batch in one forward pass. normalize=False returns the model's raw
+        features as float32 instead (no normalisation; same shapes).
 
         Raises UndecodableImageError naming every undecodable input after the whole pass (the validate stage
         drops those before this one, so this is a data-integrity error, not a per-sample drop), and
@@ -697,10 +707,10 @@ class ClipEncoder:
         """
         for view in views or ():
             apply_view(torch.zeros(1, 1, 1, 1), view)  # an unknown view fails before any work
-        encode = functools.partial(self._encode_pixels, views=tuple(views or ("rot0",)))
+        encode = functools.partial(self._encode_pixels, views=tuple(views or ("rot0",)), normalize=normalize)
         if len(images) == 0:
             empty = (0, self.embed_dim) if views is None else (0, len(views), self.embed_dim)
-            return np.empty(empty, dtype=np.float16)
+            return np.empty(empty, dtype=_embedding_dtype(normalize))
         if self.decoder == "pil":
             workers = self.num_workers if num_workers is None else num_workers
             chunks, undecodable = self._encode_images_pil(images, batch_size, workers, progress, encode)
@@ -711,11 +721,13 @@ class ClipEncoder:
         embeddings = np.concatenate(chunks)
         return embeddings[:, 0] if views is None else embeddings
 
-    def _encode_pixels(self, pixels: torch.Tensor, views: tuple[ImageView, ...]) -> np.ndarray:
+    def _encode_pixels(
+        self, pixels: torch.Tensor, views: tuple[ImageView, ...], normalize: bool
+    ) -> np.ndarray:
         """(n, 3, H, W) preprocessed -> (n, len(views), embed_dim)."""
         pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
         batch = pixels if views == ("rot0",) else torch.cat([apply_view(pixels, view) for view in views])
-        embedded = _normalised_float16(self.model.encode_image(batch))
+        embedded = _embeddings(self.model.encode_image(batch), normalize)
         return embedded.reshape(len(views), len(pixels), -1).transpose(1, 0, 2)
 
     def _encode_images_pil(
@@ -793,17 +805,23 @@ class ClipEncoder:
 
     @torch.inference_mode()
     def encode_texts(
-        self, texts: Sequence[str], batch_size: int = 1024, *, progress: Progress | None = None
+        self,
+        texts: Sequence[str],
+        batch_size: int = 1024,
+        *,
+        progress: Progress | None = None,
+        normalize: bool = True,
     ) -> np.ndarray:
-        """Captions -> (n, embed_dim) float16, L2-normalised rows (open_clip tokenizer, truncated to context).
+        """Captions -> (n, embed_dim) float16, L2-normalised rows (open_clip tokenizer, truncated to context);
+        normalize=False returns the model's raw features as float32 instead (no normalisation).
 
         progress: called after each encoded batch with its number of captions (a heartbeat).
         """
-        chunks = [np.empty((0, self.embed_dim), dtype=np.float16)]
+        chunks = [np.empty((0, self.embed_dim), dtype=_embedding_dtype(normalize))]
         for start in range(0, len(texts), batch_size):
             batch = list(texts[start : start + batch_size])
             tokens = self.tokenizer(batch).to(self.device)
-            chunks.append(_normalised_float16(self.model.encode_text(tokens)))
+            chunks.append(_embeddings(self.model.encode_text(tokens), normalize))
             _report(progress, len(batch))
         return np.concatenate(chunks)
 

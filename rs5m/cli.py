@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rs5m.config import ConfigError, PipelineConfig, load_config
 from rs5m.detector_cli import add_train_detector_parser
+from rs5m.eval_cli import add_eval_parser
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -193,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=cmd_report)
 
     add_train_detector_parser(commands)
+    add_eval_parser(commands)
 
     demo = commands.add_parser(
         "demo", help="build a synthetic corpus, serve it on loopback, run the pipeline"

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.blip2 import TINY
 from rs5m.caption_quality import caption_quality, quality_table
 from storage.catalog import COMPLETE, catalog_root, open_catalog, stage_states
 from storage.layout import Layout
@@ -38,6 +37,7 @@ RANDOM_WEIGHTS_NOTE = (
     "CLIP has random weights (clip.pretrained is null): clip_score, rs_score and embedding similarities are "
     "noise; set clip.pretrained to real weights for a real dataset."
 )
+TINY_CAPTIONER = "blip2-tiny"  # models/blip2.py TINY (not imported: transformers takes seconds to load)
 EXAMPLE_CHARS = 160  # of a caption shown in the text report (its end: the model caption)
 TINY_CAPTIONER_NOTE = (
     "BLIP-2 is the shipped tiny model with random weights (rs3.caption.model: blip2-tiny): the model captions "
@@ -178,7 +178,10 @@ def _notes(records: list[dict[str, Any]], stages: list[StageFunnel]) -> list[str
     if embedded is not None and embedded.get("clip", {}).get("pretrained") is None:
         notes.append(RANDOM_WEIGHTS_NOTE)
     captioned = _newest_config(records, stages, {"rs3_caption"})
-    if captioned is not None and (captioned.get("rs3") or {}).get("caption", {}).get("model") == TINY:
+    if (
+        captioned is not None
+        and (captioned.get("rs3") or {}).get("caption", {}).get("model") == TINY_CAPTIONER
+    ):
         notes.append(TINY_CAPTIONER_NOTE)
     return notes
 

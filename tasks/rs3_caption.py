@@ -30,11 +30,11 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
-from models.blip2 import SAMPLER_VERSION, Captioner, CaptionerSpec, Decoding, ensure_loadable, load_captioner
 from models.clip import ROTATIONS, ClipEncoder, ImageView
 from rs5m.config import CaptionConfig, PipelineConfig
 from storage.schemas import MODEL_CAPTION_FIELDS, SAMPLE_FIELDS
@@ -42,6 +42,9 @@ from tasks.embed import model_identity, shared_encoder
 from tasks.harness import Report, ShardStage
 from tasks.stage import ShardOutcome, decisions
 from tasks.watchdog import heartbeat, holding
+
+if TYPE_CHECKING:  # transformers loads in seconds: only the stage's work imports it (not `rs5m report`)
+    from models.blip2 import Captioner, CaptionerSpec, Decoding
 
 REASONS = {
     "no_model_caption": "every caption BLIP-2 sampled for the image was empty",
@@ -207,6 +210,8 @@ def _caption_with_model(
 
 
 def captioner_spec(config: CaptionConfig) -> CaptionerSpec:
+    from models.blip2 import CaptionerSpec
+
     return CaptionerSpec(
         model=config.model,
         adapter=config.adapter,
@@ -217,6 +222,8 @@ def captioner_spec(config: CaptionConfig) -> CaptionerSpec:
 
 
 def decoding(config: CaptionConfig) -> Decoding:
+    from models.blip2 import Decoding
+
     return Decoding(
         num_candidates=config.num_candidates,
         do_sample=config.do_sample,
@@ -233,6 +240,8 @@ _LOADING = threading.Lock()
 
 @functools.cache
 def _shared_captioner(spec: CaptionerSpec) -> tuple[Captioner, threading.Lock]:
+    from models.blip2 import load_captioner
+
     return load_captioner(spec), threading.Lock()
 
 
@@ -289,6 +298,8 @@ class _GuardedEncoder:
 
 
 def _identity(config: PipelineConfig) -> dict[str, str]:
+    from models.blip2 import SAMPLER_VERSION
+
     caption = config.rs3.caption
     if caption.model is None:
         return {"ranking": RANKING_VERSION}
@@ -301,6 +312,8 @@ def _identity(config: PipelineConfig) -> dict[str, str]:
 
 
 def _preflight(config: PipelineConfig) -> None:
+    from models.blip2 import ensure_loadable
+
     if config.rs3.caption.model is not None:
         ensure_loadable(captioner_spec(config.rs3.caption))
 
