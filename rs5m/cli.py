@@ -74,6 +74,42 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_pipeline(config, args.stages, wait=args.wait, pipelines=pipelines)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if args.workdir:
+        config = config.model_copy(update={"workdir": Path(args.workdir).resolve()})
+    if config.train is None:
+        raise ConfigError(f"{args.config} has no `train:` section (see configs/train_rs5m_retrieval.yaml)")
+    if args.evaluate and config.eval is None:
+        raise ConfigError(f"--evaluate: {args.config} has no `eval:` section naming the datasets")
+    return run_training(config, evaluate=args.evaluate, wait=args.wait)
+
+
+def run_training(config: PipelineConfig, evaluate: bool, wait: bool = False) -> int:
+    """The `train` (or `train_and_evaluate`) flow over the config's `train:` section, under the work
+    directory's lock: the release it reads must not be replaced (and the old one deleted) while it trains."""
+    import os
+
+    from flows.train import train_and_evaluate_flow, train_flow
+    from models.train import TrainingInputError, check_training_inputs
+    from storage.layout import Layout
+    from storage.lock import workdir_lock
+
+    try:
+        check_training_inputs(config.train, config.workdir)  # before Prefect starts or a process launches
+    except TrainingInputError as error:
+        print(f"rs5m train: {error}", file=sys.stderr)
+        return 2
+    with workdir_lock(Layout(config.workdir), f"train (rs5m pid {os.getpid()})", wait=wait, on_wait=_say):
+        chosen = train_and_evaluate_flow if evaluate else train_flow
+        state = chosen(config=config, return_state=True)
+    if state.is_completed():
+        return 0
+    print(f"\ntraining {state.name.lower()}: {state.message}", file=sys.stderr)
+    print("Checkpoints so far are kept; rerun the same command to resume.", file=sys.stderr)
+    return 1
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from storage.layout import Layout
     from storage.lock import workdir_lock
@@ -125,7 +161,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import yaml
 
     from rs5m.config import parse_config
-    from rs5m.demo import DemoServer, write_demo_eval_set, write_demo_sources
+    from rs5m.demo import DemoServer, write_demo_eval_set, write_demo_heldout_sets, write_demo_sources
     from rs5m.demo_rs3 import write_demo_rs3
     from storage.atomic import write_text
     from storage.layout import Layout
@@ -140,11 +176,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         write_demo_sources(layout.demo_sources(), server.base_url)
         write_demo_eval_set(layout.root / "demo_eval")
         write_demo_rs3(layout.root / "demo_rs3")
+        write_demo_heldout_sets(layout.root / "demo_heldout")
         # the resolved config, so single stages can be rerun by hand: rs5m run WORKDIR/demo-config.yaml
         write_text(
             layout.root / "demo-config.yaml", yaml.safe_dump(config.model_dump(mode="json", by_alias=True))
         )
         code = run_pipeline(config, None)
+    if code == 0:  # GeoRSCLIP on the demo's own release: a short fine-tune, then the scorecard
+        code = run_training(config, evaluate=True)
     print(
         "\nThe demo's images are synthetic: web pairs served on loopback (PUB11), and label-only sets in the\n"
         "fMoW, BigEarthNet v1 and image-folder layouts under demo_rs3/ (RS3).\n"
@@ -152,6 +191,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"  dataset/            the final Parquet shards, WebDataset tars and manifest.json\n"
         f"  catalog.duckdb      DuckDB views: samples, ledger, funnel, stages (open it read-only)\n"
         f"  <stage>/data/       survivors per shard (Parquet); <stage>/ledger/ fates per shard\n"
+        f"  train/{config.train.run_name}/    checkpoints, metrics.jsonl, loss.svg, scorecard.json\n"
         f"  funnel again:       rs5m report {workdir}"
     )
     return code
@@ -179,6 +219,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="if another run is writing the work directory, wait for it (default: fail at once, exit 3)",
     )
     run.set_defaults(handler=cmd_run)
+
+    train = commands.add_parser(
+        "train", help="fine-tune an open_clip model as the config's `train:` section says (GeoRSCLIP)"
+    )
+    train.add_argument("config", help="YAML with a `train:` section (configs/train_rs5m_retrieval.yaml)")
+    train.add_argument("--workdir", help="override the config's workdir")
+    train.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="then evaluate the base model and every checkpoint on the `eval:` datasets (a scorecard)",
+    )
+    train.add_argument("--wait", action="store_true", help="wait for a run writing the work directory")
+    train.set_defaults(handler=cmd_train)
 
     prune = commands.add_parser(
         "prune",

@@ -21,17 +21,8 @@ from pydantic import (
     model_validator,
 )
 
-# Fields that change only how fast a stage runs, never what it outputs: left out of stage fingerprints.
-_SPEED_ONLY = {"affects_output": False}
-
-
-# Paths whose content the stage hashes itself: moving the files reruns nothing.
-_CONTENT_HASHED = {"affects_output": False}
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+from rs5m.config_base import _CONTENT_HASHED, _SPEED_ONLY, ConfigError, Strict
+from rs5m.train_config import TrainConfig, resolve_train_paths
 
 SOURCE_FORMATS = ("parquet", "csv", "tsv", "jsonl")
 
@@ -374,6 +365,23 @@ class RunnerConfig(Strict):
     )
 
 
+class EvalConfig(Strict):
+    """Evaluation of the trained models (`rs5m train --evaluate`, the train_and_evaluate flow; README:
+    Evaluation)."""
+
+    datasets: dict[str, str] = Field(
+        min_length=1,
+        description="name -> a folder of class folders (zero-shot classification) or a filename,caption CSV "
+        "(retrieval).",
+    )
+    protocol: Literal["rs5m", "clip_benchmark"] = "rs5m"
+    templates: str | None = Field(
+        None, description="Prompt templates, one per line with {}; null: RS5M's 105."
+    )
+    batch_size: int = Field(64, ge=1, json_schema_extra=_SPEED_ONLY)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra=_SPEED_ONLY)
+
+
 class PipelineConfig(Strict):
     workdir: Path
     sources: list[SourceConfig] = Field(
@@ -391,22 +399,31 @@ class PipelineConfig(Strict):
     decontaminate: DecontaminateConfig = DecontaminateConfig()
     shard: ShardConfig = ShardConfig()
     runner: RunnerConfig = RunnerConfig()
+    train: TrainConfig | None = Field(None, description="GeoRSCLIP fine-tuning (`rs5m train`).")
+    eval: EvalConfig | None = Field(None, description="Evaluation of the base and trained models.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     @field_validator("sources")
     @classmethod
-    def _some_sources_with_unique_names(
-        cls, sources: list[SourceConfig], info: ValidationInfo
-    ) -> list[SourceConfig]:
+    def _unique_source_names(cls, sources: list[SourceConfig], info: ValidationInfo) -> list[SourceConfig]:
         rs3 = info.data.get("rs3")
-        if not sources and rs3 is None:
-            raise ValueError(
-                "no sources: give web `sources:` (the PUB11 pipeline), `rs3: {sources: [...]}` (RS3), or both"
-            )
         # names key shards across pipelines: a web source and an RS3 source may not share one
         _check_unique("source", [s.name for s in sources] + [s.name for s in (rs3.sources if rs3 else [])])
         return sources
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> PipelineConfig:
+        if not self.sources and self.rs3 is None and self.train is None:
+            raise ValueError(
+                "no sources: give web `sources:` (the PUB11 pipeline), `rs3: {sources: [...]}` (RS3), or both "
+                "(or only a `train:` section, for `rs5m train`)"
+            )
+        return self
+
+    @property
+    def has_pipelines(self) -> bool:
+        return bool(self.sources) or self.rs3 is not None
 
     def section(self, name: str) -> BaseModel | None:
         """A config section by its YAML name (`validate` is stored as `validate_`), dotted for a part of one
@@ -416,10 +433,6 @@ class PipelineConfig(Strict):
         for part in rest.split(".") if rest else []:
             section = None if section is None else getattr(section, part)
         return section
-
-
-class ConfigError(ValueError):
-    """A config file that cannot be used; the message names the file and the bad field."""
 
 
 def _describe(error: ValidationError, origin: str) -> str:
@@ -462,6 +475,21 @@ def parse_config(
                 }
             ),
             "rs3": _resolve_rs3(config.rs3, base_dir) if config.rs3 is not None else None,
+            "train": None if config.train is None else resolve_train_paths(config.train, base_dir),
+            "eval": None if config.eval is None else _resolve_eval(config.eval, base_dir),
+        }
+    )
+
+
+def _resolve_eval(evaluation: EvalConfig, base_dir: Path) -> EvalConfig:
+    return evaluation.model_copy(
+        update={
+            "datasets": {
+                name: str(_resolve_path(path, base_dir)) for name, path in evaluation.datasets.items()
+            },
+            "templates": None
+            if evaluation.templates is None
+            else str(_resolve_path(evaluation.templates, base_dir)),
         }
     )
 

@@ -797,6 +797,31 @@ def write_demo_eval_set(folder: Path, corpus: DemoCorpus | None = None) -> None:
         write_bytes(Path(folder) / name, image.body)
 
 
+HELDOUT_SEED = 7_000_003  # not the corpus's: held-out tiles the training data never saw
+HELDOUT_PER_CLASS = 4
+HELDOUT_CAPTIONED = 8
+
+
+def write_demo_heldout_sets(folder: Path) -> None:
+    """Held-out synthetic evaluation sets for the demo's training run (configs/demo.yaml's `eval:`):
+    `scenes/<kind>/NN.jpg`, HELDOUT_PER_CLASS tiles of each TILE_SCENES kind (zero-shot classification), and
+    `captions.csv` (filename,caption), HELDOUT_CAPTIONED tiles with two of their kind's scene phrases each
+    (retrieval)."""
+    rng = np.random.default_rng(HELDOUT_SEED)
+    folder = Path(folder)
+    for kind in TILE_SCENES:
+        for index in range(HELDOUT_PER_CLASS):
+            write_bytes(folder / "scenes" / kind / f"{index:02d}.jpg", _jpeg(_draw_tile(rng, kind)))
+    lines = ["filename,caption"]
+    kinds = list(TILE_SCENES)
+    for index in range(HELDOUT_CAPTIONED):
+        kind = kinds[index % len(kinds)]
+        name = f"captioned/{index:02d}.jpg"
+        write_bytes(folder / name, _jpeg(_draw_tile(rng, kind)))
+        lines += [f"{name},{RS_PHRASES[j][0]} {TILE_SCENES[kind][j]}" for j in range(2)]
+    write_text(folder / "captions.csv", "\n".join(lines) + "\n")
+
+
 def expected_contaminated(corpus: DemoCorpus | None = None) -> set[str]:
     """URL paths of the training rows the demo eval set copies: decontaminate drops exactly these."""
     return {image.copy_of for image in eval_set_images(corpus).values() if image.copy_of is not None}

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from rs5m.config import _CONTENT_HASHED, _SPEED_ONLY, ConfigError, Strict
+from rs5m.config_base import _CONTENT_HASHED, _SPEED_ONLY, ConfigError, Strict
 
 RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # open_clip's transformer blocks (both towers): `attn` is an nn.MultiheadAttention (its q/k/v projection is the
@@ -182,8 +182,12 @@ def parse_train_config(
             field = ".".join(str(part) for part in item["loc"]) or "(top level)"
             lines.append(f"  {field}: {item['msg']}")
         raise ConfigError("\n".join(lines)) from None
-    if base_dir is None:
-        return config
+    return config if base_dir is None else resolve_train_paths(config, base_dir)
+
+
+def resolve_train_paths(config: TrainConfig, base_dir: Path) -> TrainConfig:
+    """A relative `data` path, and a relative `pretrained` naming a file there, against base_dir (the YAML
+    file's folder)."""
     update: dict[str, Any] = {}
     if config.data is not None and not Path(config.data).is_absolute():
         update["data"] = str((base_dir / config.data).resolve())

@@ -587,3 +587,44 @@ def test_caption_quality_report_measures_the_chosen_model_captions(demo_run: Pat
     assert examples[0]["sample_id"] == first["sample_id"] and examples[0]["caption"] == first["caption"]
     text = rs5m("report", str(demo_run), env=dict(os.environ), timeout=180).stdout
     assert "Model captions" in text and "orientation" in text
+
+
+def test_the_demo_fine_tunes_on_its_release_and_scores_every_checkpoint(demo_run: Path) -> None:
+    import open_clip
+    import torch
+
+    from models.clip import register_project_configs
+    from rs5m.eval_cli import EvalRequest, json_safe, run_evaluation
+
+    config = yaml.safe_load((demo_run / "demo-config.yaml").read_text())
+    run = demo_run / "train" / config["train"]["run_name"]
+    record = json.loads((run / "run.json").read_text())
+    assert record["model"] == "rs5m-tiny-vit" and record["total_steps"] == config["train"]["steps"]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, config["train"]["steps"] + 1))
+    released = sum(
+        1
+        for path in (demo_run / "dataset" / "train").glob("*.parquet")
+        for _ in pq.read_table(path).column("sample_id")
+    )
+    assert record["pairs"] == released
+    # a checkpoint is a plain open_clip state dict
+    register_project_configs()
+    model = open_clip.create_model("rs5m-tiny-vit")
+    model.load_state_dict(torch.load(run / "checkpoints" / "final.pt", map_location="cpu"))
+    scorecard = json.loads((run / "scorecard.json").read_text())
+    assert list(scorecard["models"]) == ["base", "step-000004", "final"]
+    assert {(row["model"], row["dataset"]) for row in scorecard["rows"]} == {
+        (model_name, dataset) for model_name in scorecard["models"] for dataset in ("scenes", "captions")
+    }
+    # the scorecard's numbers are what `rs5m eval` gives for the same weights
+    final = run_evaluation(
+        EvalRequest(
+            model="rs5m-tiny-vit",
+            datasets=list(config["eval"]["datasets"].items()),
+            pretrained=str(run / "checkpoints" / "final.pt"),
+            num_workers=0,
+        )
+    )
+    assert json_safe(final) == scorecard["models"]["final"]
+    assert (run / "loss.svg").read_text().startswith("<svg")

@@ -474,3 +474,67 @@ def test_shipped_retrieval_recipe_parses():
     assert (config.model, config.pretrained, config.method) == ("ViT-B-32", "laion2b_s34b_b79k", "full")
     assert (config.lr, config.weight_decay, config.batch_size, config.epochs) == (5e-6, 0.5, 600, 7)
     assert (config.warmup_steps, config.max_grad_norm, config.augment) == (100, 50, "rs5m")
+
+
+def test_rs5m_train_killed_and_rerun_resumes_to_the_uninterrupted_weights(tmp_path, prefect_server):
+    """The command-line contract: `rs5m train CONFIG` (through its Prefect flow), its process group killed
+    after the first checkpoint, the same command again: the weights of an uninterrupted `rs5m train`."""
+    import yaml
+
+    from tests.helpers import BIN, rs5m
+
+    configs = {}
+    for name in ("killed", "reference"):
+        workdir = tmp_path / name
+        _release(workdir, rows=40)
+        configs[name] = tmp_path / f"{name}.yaml"
+        train_section = _config(steps=10, checkpoint_every_steps=3).model_dump(mode="json")
+        configs[name].write_text(yaml.safe_dump({"workdir": str(workdir), "train": train_section}))
+    reference = subprocess.Popen(
+        [str(BIN / "rs5m"), "train", str(configs["reference"])],
+        env=prefect_server.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    layout = TrainLayout((tmp_path / "killed").resolve(), "tiny")
+    killed = subprocess.Popen(
+        [str(BIN / "rs5m"), "train", str(configs["killed"])],
+        env=prefect_server.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not layout.state(3).exists():
+        assert killed.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.05)
+    os.killpg(killed.pid, signal.SIGKILL)  # the CLI and its flow; the trainer stops when its launcher is gone
+    killed.wait()
+    assert not layout.final.exists(), "the run ended before it was killed: the test needs more steps"
+
+    again = rs5m("train", str(configs["killed"]), env=prefect_server.env(), timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-3000:]
+    expected = torch.load(TrainLayout((tmp_path / "reference").resolve(), "tiny").final, weights_only=True)
+    resumed = torch.load(layout.final, weights_only=True)
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+    assert [m["step"] for m in _metrics(layout)] == list(range(1, 11))
+    record = json.loads(layout.run_record.read_text())
+    assert record["model"] == TINY and record["status"] == "complete"
+
+
+def test_rs5m_train_refuses_bad_input_in_one_line(tmp_path):
+    import yaml
+
+    from tests.helpers import rs5m
+
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        yaml.safe_dump({"workdir": str(tmp_path / "empty"), "train": {"run_name": "x", "steps": 2}})
+    )
+    result = rs5m("train", str(config), env=dict(os.environ), timeout=300)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("rs5m train: ")]
+    assert len(errors) == 1 and "dataset" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
