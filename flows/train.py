@@ -173,7 +173,8 @@ def scorecard_text(rows: list[dict[str, Any]]) -> str:
 def evaluate_run(config: PipelineConfig, evaluation: EvalConfig, folder: Path) -> list[dict[str, Any]]:
     """Evaluates the base model and every checkpoint; publishes and writes the scorecard."""
     results = {}
-    for label, weights in evaluated_models(config, folder):
+    evaluated = evaluated_models(config, folder)
+    for label, weights in evaluated:
         request = EvalRequest(
             model=config.train.model,
             datasets=list(evaluation.datasets.items()),
@@ -186,7 +187,10 @@ def evaluate_run(config: PipelineConfig, evaluation: EvalConfig, folder: Path) -
         )
         results[label] = json_safe(evaluate_checkpoint.with_options(name=f"evaluate-{label}")(request))
     rows = scorecard_rows(results)
-    write_json(folder / "scorecard.json", {"models": results, "rows": rows})
+    scorecard = [
+        {"model": label, "pretrained": weights, "results": results[label]} for label, weights in evaluated
+    ]
+    write_json(folder / "scorecard.json", {"models": scorecard, "rows": rows})
     create_table_artifact(
         key="rs5m-scorecard", table=rows, description="Base model vs each checkpoint, per dataset and metric"
     )

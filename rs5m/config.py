@@ -382,13 +382,20 @@ class EvalConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra=_SPEED_ONLY)
 
 
+NO_SOURCES = (
+    "no sources: give web `sources:` (the PUB11 pipeline), `rs3: {sources: [...]}` (RS3), or both (or only a "
+    "`train:` section, for `rs5m train`)"
+)
+
+
 class PipelineConfig(Strict):
     workdir: Path
+    rs3: Rs3Config | None = Field(None, description="Label-only RS datasets: the RS3 pipeline runs when set.")
+    train: TrainConfig | None = Field(None, description="GeoRSCLIP fine-tuning (`rs5m train`).")
     sources: list[SourceConfig] = Field(
         default_factory=list,
         description="Web image-text sources: the PUB11 pipeline runs when there are any.",
     )
-    rs3: Rs3Config | None = Field(None, description="Label-only RS datasets: the RS3 pipeline runs when set.")
     ingest: IngestConfig = IngestConfig()
     keyword: KeywordConfig = KeywordConfig()
     download: DownloadConfig = DownloadConfig()
@@ -399,26 +406,28 @@ class PipelineConfig(Strict):
     decontaminate: DecontaminateConfig = DecontaminateConfig()
     shard: ShardConfig = ShardConfig()
     runner: RunnerConfig = RunnerConfig()
-    train: TrainConfig | None = Field(None, description="GeoRSCLIP fine-tuning (`rs5m train`).")
     eval: EvalConfig | None = Field(None, description="Evaluation of the base and trained models.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     @field_validator("sources")
     @classmethod
-    def _unique_source_names(cls, sources: list[SourceConfig], info: ValidationInfo) -> list[SourceConfig]:
+    def _some_sources_with_unique_names(
+        cls, sources: list[SourceConfig], info: ValidationInfo
+    ) -> list[SourceConfig]:
+        # runs when `sources:` is given (rs3 and train are declared before it, so they are known here)
         rs3 = info.data.get("rs3")
+        if not sources and rs3 is None and info.data.get("train") is None:
+            raise ValueError(NO_SOURCES)
         # names key shards across pipelines: a web source and an RS3 source may not share one
         _check_unique("source", [s.name for s in sources] + [s.name for s in (rs3.sources if rs3 else [])])
         return sources
 
     @model_validator(mode="after")
     def _something_to_do(self) -> PipelineConfig:
+        # `sources:` left out (its validator did not run)
         if not self.sources and self.rs3 is None and self.train is None:
-            raise ValueError(
-                "no sources: give web `sources:` (the PUB11 pipeline), `rs3: {sources: [...]}` (RS3), or both "
-                "(or only a `train:` section, for `rs5m train`)"
-            )
+            raise ValueError(NO_SOURCES)
         return self
 
     @property

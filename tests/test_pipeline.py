@@ -613,9 +613,11 @@ def test_the_demo_fine_tunes_on_its_release_and_scores_every_checkpoint(demo_run
     model = open_clip.create_model("rs5m-tiny-vit")
     model.load_state_dict(torch.load(run / "checkpoints" / "final.pt", map_location="cpu"))
     scorecard = json.loads((run / "scorecard.json").read_text())
-    assert list(scorecard["models"]) == ["base", "step-000004", "final"]
+    models = {entry["model"]: entry for entry in scorecard["models"]}
+    assert list(models) == ["base", "step-000004", "final"]
+    assert models["base"]["pretrained"] is None
     assert {(row["model"], row["dataset"]) for row in scorecard["rows"]} == {
-        (model_name, dataset) for model_name in scorecard["models"] for dataset in ("scenes", "captions")
+        (model_name, dataset) for model_name in models for dataset in ("scenes", "captions")
     }
     # the scorecard's numbers are what `rs5m eval` gives for the same weights
     final = run_evaluation(
@@ -626,5 +628,5 @@ def test_the_demo_fine_tunes_on_its_release_and_scores_every_checkpoint(demo_run
             num_workers=0,
         )
     )
-    assert json_safe(final) == scorecard["models"]["final"]
+    assert json_safe(final) == models["final"]["results"]
     assert (run / "loss.svg").read_text().startswith("<svg")
