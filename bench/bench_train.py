@@ -4,8 +4,8 @@ model, batch and dtype, in one process; best of --repeats, the order of the runs
   (a) bare: open_clip.create_model_and_transforms(model), AdamW over model.parameters(), open_clip's
       ClipLoss(), and per step autocast forward, loss, zero_grad, backward, step, over pre-made image and
       token tensors already on the device (what a hand-written loop does);
-  (b) ours step: the same tensors through the project's step. _train has no step function, so this reproduces
-      its loop body, calling its pieces: build_model (output_dict, the config's seed), AdamW over
+  (b) ours step: the same tensors through the project's step (models.train.optimizer_step, what _train calls)
+      around its pieces: build_model (output_dict, the config's seed), AdamW over
       _param_groups (no decay on biases, norms, logit_scale, embeddings), cosine_lr (set every step),
       ClipLoss(local_loss, gather_with_grad, cache_labels), get_autocast, zero_grad(set_to_none), the
       logit_scale clamp, loss.item() and the metrics line written to a file (and the printed line, to
@@ -59,7 +59,6 @@ from open_clip.loss import ClipLoss
 from open_clip_train.precision import get_autocast
 from open_clip_train.scheduler import cosine_lr
 from PIL import Image
-from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -71,6 +70,7 @@ from models.train import (  # noqa: E402
     StepBatches,
     _param_groups,
     build_model,
+    optimizer_step,
     read_pairs,
     train,
 )
@@ -226,16 +226,17 @@ def main() -> None:
                 lr = scheduler(step)
                 step_pixels = pixels[i].to(device, non_blocking=True)
                 step_tokens = tokens[i].to(device, non_blocking=True)
-                with autocast():
-                    out = net(step_pixels, step_tokens)
-                    loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if ours_config.max_grad_norm is not None:
-                    nn.utils.clip_grad_norm_(trainable, ours_config.max_grad_norm)
-                optimizer.step()
-                with torch.no_grad():
-                    model.clip.logit_scale.clamp_(0, math.log(100))
+                loss = optimizer_step(
+                    model,
+                    net,
+                    loss_fn,
+                    optimizer,
+                    trainable,
+                    step_pixels,
+                    step_tokens,
+                    autocast,
+                    ours_config.max_grad_norm,
+                )
                 done = step + 1
                 mean_loss = loss.detach().float()
                 now = time.perf_counter()

@@ -579,6 +579,33 @@ def plain_state_dict(model: _Model, method: str) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().cpu() for name, tensor in module.state_dict().items()}
 
 
+def optimizer_step(
+    model: _Model,
+    net: nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    trainable: list[nn.Parameter],
+    pixels: torch.Tensor,
+    tokens: torch.Tensor,
+    autocast: Callable[[], Any],
+    max_grad_norm: float | None,
+) -> torch.Tensor:
+    """One training step on a batch already on the device: forward under autocast, contrastive loss, backward,
+    gradient clipping, AdamW step, logit_scale clamp. Returns the loss."""
+    with autocast():
+        out = net(pixels, tokens)
+        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm is not None:
+        nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    optimizer.step()
+    with torch.no_grad():
+        # as open_clip_train: a temperature above 100 destabilises training
+        model.clip.logit_scale.clamp_(0, math.log(100))
+    return loss
+
+
 def _rng_state() -> dict[str, Any]:
     return {
         "python": random.getstate(),
@@ -860,17 +887,9 @@ def _train(
             lr = scheduler(step)
             pixels = pixels.to(device, non_blocking=True)
             tokens = tokens.to(device, non_blocking=True)
-            with autocast():
-                out = net(pixels, tokens)
-                loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.max_grad_norm is not None:
-                nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-            optimizer.step()
-            with torch.no_grad():
-                # as open_clip_train: a temperature above 100 destabilises training
-                model.clip.logit_scale.clamp_(0, math.log(100))
+            loss = optimizer_step(
+                model, net, loss_fn, optimizer, trainable, pixels, tokens, autocast, config.max_grad_norm
+            )
             done = step + 1
             mean_loss = loss.detach().float()
             if world_size > 1:
