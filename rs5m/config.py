@@ -10,7 +10,6 @@ import codecs
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -21,7 +20,14 @@ from pydantic import (
     model_validator,
 )
 
-from rs5m.config_base import _CONTENT_HASHED, _SPEED_ONLY, ConfigError, Strict
+from rs5m.config_base import (
+    _CONTENT_HASHED,
+    _SPEED_ONLY,
+    ConfigError,
+    Strict,
+    describe_validation_error,
+    read_yaml_mapping,
+)
 from rs5m.train_config import TrainConfig, resolve_train_paths
 
 SOURCE_FORMATS = ("parquet", "csv", "tsv", "jsonl")
@@ -444,14 +450,6 @@ class PipelineConfig(Strict):
         return section
 
 
-def _describe(error: ValidationError, origin: str) -> str:
-    lines = [f"invalid config {origin}:"]
-    for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"  {field}: {item['msg']}")
-    return "\n".join(lines)
-
-
 def parse_config(
     data: dict[str, Any], origin: str = "<dict>", base_dir: Path | None = None
 ) -> PipelineConfig:
@@ -459,7 +457,7 @@ def parse_config(
     try:
         config = PipelineConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_describe(error, origin)) from None
+        raise ConfigError(describe_validation_error(error, f"config {origin}")) from None
     if base_dir is None:
         return config
     return config.model_copy(
@@ -536,12 +534,5 @@ def _resolve_source(source: SourceConfig, base_dir: Path) -> SourceConfig:
 
 def load_config(path: str | Path) -> PipelineConfig:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise ConfigError(f"cannot read config {path}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config {path} is not valid YAML: {error}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {path} must be a mapping at the top level")
+    data = read_yaml_mapping(path)
     return parse_config(data, origin=str(path), base_dir=path.parent)

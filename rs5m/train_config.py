@@ -15,10 +15,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from rs5m.config_base import _CONTENT_HASHED, _SPEED_ONLY, ConfigError, Strict
+from rs5m.config_base import (
+    _CONTENT_HASHED,
+    _SPEED_ONLY,
+    ConfigError,
+    Strict,
+    describe_validation_error,
+    read_yaml_mapping,
+)
 
 RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # open_clip's transformer blocks (both towers): `attn` is an nn.MultiheadAttention (its q/k/v projection is the
@@ -177,11 +183,7 @@ def parse_train_config(
     try:
         config = TrainConfig.model_validate(data)
     except ValidationError as error:
-        lines = [f"invalid train config {origin}:"]
-        for item in error.errors():
-            field = ".".join(str(part) for part in item["loc"]) or "(top level)"
-            lines.append(f"  {field}: {item['msg']}")
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError(describe_validation_error(error, f"train config {origin}")) from None
     return config if base_dir is None else resolve_train_paths(config, base_dir)
 
 
@@ -201,12 +203,7 @@ def resolve_train_paths(config: TrainConfig, base_dir: Path) -> TrainConfig:
 def load_train_config(path: str | Path) -> TrainConfig:
     """Reads the `train:` section of a YAML file (configs/train_rs5m_retrieval.yaml is an example)."""
     path = Path(path)
-    try:
-        document = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise ConfigError(f"cannot read config {path}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config {path} is not valid YAML: {error}") from None
-    if not isinstance(document, dict) or not isinstance(document.get("train"), dict):
+    document = read_yaml_mapping(path)
+    if not isinstance(document.get("train"), dict):
         raise ConfigError(f"config {path} has no `train:` mapping")
     return parse_train_config(document["train"], origin=str(path), base_dir=path.parent)
