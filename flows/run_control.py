@@ -41,6 +41,7 @@ from tasks.watchdog import stalled_process_message
 
 REPORT_TIMEOUT_S = 3.0
 CHILD_EXIT_GRACE_S = 1.0
+CHILD_SWEEPS = 5
 # Processes the standard library cleans up after us, if we leave them be: killing the resource tracker
 # would leak the semaphores it is there to unlink.
 _LEFT_ALONE = ("multiprocessing.resource_tracker",)
@@ -190,22 +191,45 @@ def _cancel_flow_runs(flow_run_ids: list[UUID], message: str) -> None:
 
 
 def end_child_processes() -> None:
-    """Terminate every process this one started (recursively), then kill what is left after a grace."""
+    """Terminate every process this one started (recursively), then kill what is left after a grace; again
+    until none is left, since a multiprocessing pool replaces the workers it sees die (img2dataset's does)."""
+    _stop_pool_refills()
+    for sweep in range(CHILD_SWEEPS):
+        children = _children()
+        if not children:
+            return
+        for child in children:
+            with suppress(psutil.Error):
+                if sweep == 0:
+                    child.terminate()
+                else:
+                    child.kill()
+        _, alive = psutil.wait_procs(children, timeout=CHILD_EXIT_GRACE_S)
+        for child in alive:
+            with suppress(psutil.Error):
+                child.kill()
+
+
+def _children() -> list[psutil.Process]:
     try:
-        children = [
+        return [
             child
             for child in psutil.Process().children(recursive=True)
             if not any(name in " ".join(_cmdline(child)) for name in _LEFT_ALONE)
         ]
     except psutil.Error:
-        return
-    for child in children:
-        with suppress(psutil.Error):
-            child.terminate()
-    _, alive = psutil.wait_procs(children, timeout=CHILD_EXIT_GRACE_S)
-    for child in alive:
-        with suppress(psutil.Error):
-            child.kill()
+        return []
+
+
+def _stop_pool_refills() -> None:
+    """Tell each multiprocessing pool's worker-handler thread to stop replacing workers. Pool.terminate()
+    would too, but it joins threads and takes the queue locks a killed worker may hold, so it can hang."""
+    from multiprocessing.pool import TERMINATE, Pool
+
+    for pool in _live_objects(Pool):
+        handler = getattr(pool, "_worker_handler", None)
+        if handler is not None:
+            handler._state = TERMINATE
 
 
 def _release_semaphores() -> None:
@@ -213,14 +237,17 @@ def _release_semaphores() -> None:
     would (os._exit runs none): else the resource tracker cleans them up and warns of leaks."""
     from multiprocessing.synchronize import SemLock
 
-    with warnings.catch_warnings():  # isinstance on some library objects (torch's) warns of deprecation
-        warnings.simplefilter("ignore")
-        semaphores = [obj for obj in gc.get_objects() if isinstance(obj, SemLock)]
-    for semaphore in semaphores:
+    for semaphore in _live_objects(SemLock):
         name = getattr(getattr(semaphore, "_semlock", None), "name", None)
         if name:
             with suppress(OSError):
                 SemLock._cleanup(name)
+
+
+def _live_objects(kind: type) -> list[Any]:
+    with warnings.catch_warnings():  # isinstance on some library objects (torch's) warns of deprecation
+        warnings.simplefilter("ignore")
+        return [obj for obj in gc.get_objects() if isinstance(obj, kind)]
 
 
 def _cmdline(process: psutil.Process) -> list[str]:

@@ -86,3 +86,33 @@ def test_a_shard_stuck_in_c_code_stops_the_run_with_where_it_was(tmp_path: Path)
     assert "blocked outside Python" in final["error"]
     assert "made no progress" in stderr
     assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
+
+
+# A run with a multiprocessing pool that replaces the workers it sees die (as img2dataset's does, with
+# maxtasksperchild): ending the children must not leave replacements behind.
+REFILLING_POOL = """
+import multiprocessing, sys, time
+sys.path.insert(0, {repo!r})
+import psutil
+from flows.run_control import end_child_processes
+
+def workers():
+    return [c for c in psutil.Process().children() if "spawn_main" in " ".join(c.cmdline())]
+
+if __name__ == "__main__":
+    pool = multiprocessing.get_context("spawn").Pool(2, maxtasksperchild=1)
+    pool.map_async(time.sleep, [30] * 8)
+    while len(workers()) < 2:
+        time.sleep(0.05)
+    end_child_processes()
+    time.sleep(3)  # long enough for a replacement to be spawned
+    print(len(workers()), flush=True)
+"""
+
+
+def test_ending_the_children_leaves_no_pool_replacement_behind(tmp_path: Path) -> None:
+    script = tmp_path / "run.py"  # a file: spawned workers import the main module by its path
+    script.write_text(REFILLING_POOL.format(repo=str(REPO)))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["0"], result.stderr[-3000:]
