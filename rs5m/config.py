@@ -105,9 +105,17 @@ class IngestConfig(Strict):
 
 
 class KeywordConfig(Strict):
-    keywords: str = Field("rs-v1", description="Shipped list version (rs-v1) or a path to a keyword file.")
+    keywords: str = Field(
+        "rs-v2", description="Shipped list version (rs-v2, rs-v1) or a path to a keyword file."
+    )
     exclusions: str = Field(
-        "rs-v1", description="Shipped list version (rs-v1) or a path to an exclusion file."
+        "rs-v2", description="Shipped list version (rs-v2, rs-v1) or a path to an exclusion file."
+    )
+    places: str = Field(
+        "rs-v2",
+        description="Shipped places list version (rs-v2) or a path to one: the words a `CUE ~place` entry "
+        "needs nearby. Read only by lists with such entries (its content is then part of the stage identity).",
+        json_schema_extra=_CONTENT_HASHED,
     )
 
 
@@ -467,7 +475,7 @@ def parse_config(
             "keyword": config.keyword.model_copy(
                 update={
                     name: _resolve_list(getattr(config.keyword, name), base_dir)
-                    for name in ("keywords", "exclusions")
+                    for name in ("keywords", "exclusions", "places")
                 }
             ),
             "filter": config.filter.model_copy(

@@ -6,10 +6,17 @@ the syntax). Matching is case-insensitive and whole-word on a canonical copy of 
 "Bird's-Eye View", "birds eye view" and "#birdseyeview" are the same phrase. An exclusion (a known false
 positive such as "aerial yoga") vetoes only its own span.
 
+A proximity entry `CUE ~place` (rs-v2: "top view ~place") holds only where a word of the places list
+(tasks/keywords/<version>.places.txt) lies within WINDOW words of the cue, before or after it. It is one more
+alternative of the same RE2 alternation (cue, up to WINDOW words, place; or place, up to WINDOW words, cue),
+so one extract pass still names the entry that matched; an exclusion's mask is no word, so it breaks the
+window.
+
 Speed: PUB11 starts from billions of captions, so the work is vectorised with pyarrow.compute (RE2). One
 loose, case-insensitive pass of the keyword alternation over the raw captions finds the few candidate rows
 (it accepts everything the exact match accepts); canonicalisation, exclusion masking and whole-word
-extraction then run on the candidates only.
+extraction then run on the candidates only. Each kernel call compiles its pattern, so the rarest step, the
+few rows whose keyword an exclusion vetoed, runs in Python's re with the same semantics instead.
 """
 
 from __future__ import annotations
@@ -52,6 +59,12 @@ _CANONICAL_STEPS = (
 _MASK = " # "
 # Between two words of a phrase in the loose prefilter: whatever canonicalisation turns into a separator.
 _LOOSE_GAP = "[^a-z0-9]*"
+# Proximity entries: `CUE ~name` holds when a word of list `name` lies within WINDOW words of CUE, either side.
+NEAR_LISTS = ("place",)
+WINDOW = 4
+# One word between a cue and its place: canonical text is words of letters and digits, single spaces and the
+# mask's "#", which is no word, so an exclusion span breaks the window. Cheaper to compile than [\pL\pN]+.
+_GAP = f"(?: [^ #]+){{0,{WINDOW}}} "
 
 
 @dataclass(frozen=True)
@@ -59,8 +72,10 @@ class Phrase:
     text: str  # as written in the list, whitespace collapsed: what a match reports
     canonical: str  # RE2 (and Python re) pattern over canonical text, word boundaries included
     loose: str  # RE2 pattern over raw text (case-insensitive), accepts a superset of `canonical`
-    example: str  # the phrase itself in canonical form
+    example: str  # the phrase itself in canonical form (a proximity entry: its cue and the first place)
     regex: re.Pattern[str]  # `canonical` compiled by Python, to tell which phrase an extracted span is
+    cue: Phrase | None = None  # a proximity entry's cue phrase; None for a plain phrase
+    near: str | None = None  # a proximity entry's place alternation (RE2 and Python re); None for a plain one
 
 
 def _parse_phrase(text: str, origin: str) -> Phrase:
@@ -94,16 +109,104 @@ def _parse_phrase(text: str, origin: str) -> Phrase:
     )
 
 
-def _read_list(path: Path, kind: str) -> list[Phrase]:
-    phrases: list[Phrase] = []
+def _split_near(text: str, origin: str) -> tuple[str, str | None]:
+    """`CUE ~name` -> (CUE, name); a plain phrase -> (phrase, None). ValueError for a misplaced or unknown
+    `~name` or an empty cue."""
+    if "~" not in text:
+        return text, None
+    found = re.fullmatch(r"([^~]*?)\s*~(\w*)", text)
+    if found is None or not found.group(2):
+        raise ValueError(f"{origin}: '~name' must end the entry, once: {text!r} (e.g. 'from above ~place')")
+    cue, name = found[1], found[2].lower()
+    if name not in NEAR_LISTS:
+        known = ", ".join(f"~{n}" for n in NEAR_LISTS)
+        raise ValueError(f"{origin}: unknown {'~' + name!r} in {text!r} (known: {known})")
+    if not re.search(r"[^\W_]", cue):
+        raise ValueError(f"{origin}: no cue phrase before ~{name}: {text!r}")
+    return cue, name
+
+
+@dataclass(frozen=True)
+class Places:
+    phrases: list[Phrase]  # as listed, longest first
+    pattern: str  # any of them: RE2 and Python re over canonical text
+
+
+# The canonical pattern of a one-word place with the usual plural: \bcity(?:e?s)?\b
+_ONE_WORD = re.compile(r"\\b([^ ?()\\]+)\(\?:e\?s\)\?\\b")
+
+
+def _read_places(path: Path) -> Places:
+    phrases = []
+    for entry, origin in _entries(path):
+        if "~" in entry or entry.startswith("^"):
+            raise ValueError(f"{origin}: a place is a plain phrase (no '~', no '^'): {entry!r}")
+        phrases.append(_parse_phrase(entry, origin))
+    if not phrases:
+        raise ValueError(f"places list {path} has no entries")
+    phrases = _longest_first(phrases)
+    # The one-word places share their plural and boundaries, "\b(?:cities|city|town)(?:e?s)?\b": the same
+    # language in a third of the pattern (RE2 compiles the pattern on every kernel call).
+    words = [m.group(1) for p in phrases if (m := _ONE_WORD.fullmatch(p.canonical))]
+    others = [p.canonical for p in phrases if not _ONE_WORD.fullmatch(p.canonical)]
+    shared = [r"\b(?:" + "|".join(words) + r")(?:e?s)?\b"] if words else []
+    return Places(phrases, "(?:" + "|".join(shared + others) + ")")
+
+
+def _parse_near(text: str, cue_text: str, places: Places, origin: str) -> Phrase:
+    """A proximity entry: the cue with a place at most WINDOW words before or after it."""
+    cue = _parse_phrase(cue_text, origin)
+    if cue.canonical.startswith("^"):
+        raise ValueError(f"{origin}: a proximity entry cannot be anchored with '^': {text!r}")
+    canonical = _near_pattern([cue.canonical], places.pattern)
+    return Phrase(
+        text=" ".join(text.split()),
+        canonical=canonical,
+        loose=cue.loose,  # every match contains the cue
+        example=f"{cue.example} {places.phrases[0].example}",
+        regex=re.compile(canonical),
+        cue=cue,
+        near=places.pattern,
+    )
+
+
+def _near_pattern(cues: list[str], place: str) -> str:
+    """Any of the cues with a place at most WINDOW words after it, or a place at most WINDOW words before it."""
+    cue = cues[0] if len(cues) == 1 else "(?:" + "|".join(cues) + ")"
+    return f"(?:{cue}{_GAP}{place}|{place}{_GAP}{cue})"
+
+
+def _entries(path: Path) -> list[tuple[str, str]]:
+    """(entry, "file:line") for every entry of a list file, comments and blank lines left out."""
+    entries = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         entry = line.split("#", 1)[0].strip()
         if entry:
-            phrases.append(_parse_phrase(entry, f"{path}:{number}"))
-    if not phrases and kind == "keywords":
-        raise ValueError(f"keyword list {path} has no entries")
-    # Leftmost-first alternation: at one position the longer phrase ("satellite imagery") must win.
-    return sorted(phrases, key=lambda p: (-len(p.example.split()), -len(p.example)))
+            entries.append((entry, f"{path}:{number}"))
+    return entries
+
+
+def _parse_list(entries: list[tuple[str, str]], places: Places | None) -> list[Phrase]:
+    phrases = []
+    for entry, origin in entries:
+        cue, near = _split_near(entry, origin)
+        if near is None:
+            phrases.append(_parse_phrase(entry, origin))
+        elif places is None:
+            raise ValueError(f"{origin}: {entry!r}: proximity entries need a places list")
+        else:
+            phrases.append(_parse_near(entry, cue, places, origin))
+    return _longest_first(phrases)
+
+
+def _longest_first(phrases: list[Phrase]) -> list[Phrase]:
+    # Leftmost-first alternation: at one position the longer phrase ("satellite imagery") must win; plain
+    # phrases come before proximity entries, which go by the length of their cue.
+    def key(p: Phrase) -> tuple[bool, int, int]:
+        example = p.example if p.cue is None else p.cue.example
+        return p.cue is not None, -len(example.split()), -len(example)
+
+    return sorted(phrases, key=key)
 
 
 def resolve_list(value: str, kind: str) -> Path:
@@ -112,40 +215,74 @@ def resolve_list(value: str, kind: str) -> Path:
 
 
 def _alternation(phrases: list[Phrase], group: str) -> str:
-    return f"(?P<{group}>" + "|".join(p.canonical for p in phrases) + ")"
+    """One named group of the phrases in list order. The proximity entries (last in the list) share their
+    place alternation: they become one alternative of all their cues (in list order), which keeps the
+    pattern, and the RE2 compile each kernel call pays, small; the entry is named from the span."""
+    plain = [p.canonical for p in phrases if p.cue is None]
+    near = [p for p in phrases if p.cue is not None]
+    if near:
+        plain.append(_near_pattern([p.cue.canonical for p in near if p.cue is not None], near[0].near or ""))
+    return f"(?P<{group}>" + "|".join(plain) + ")"
 
 
 class KeywordMatcher:
-    """RS keyword matching over caption arrays, compiled once from a keyword and an exclusion list."""
+    """RS keyword matching over caption arrays, compiled once from a keyword, an exclusion and (when an
+    entry uses `~place`) a places list."""
 
-    def __init__(self, keywords_path: Path, exclusions_path: Path) -> None:
-        self.keywords = _read_list(keywords_path, "keywords")
-        self.exclusions = _read_list(exclusions_path, "exclusions")
-        normalised = "\n".join(
-            [f"matcher {MATCHER_VERSION}", "keywords", *(p.text.lower() for p in self.keywords)]
-            + ["exclusions", *(p.text.lower() for p in self.exclusions)]
-        )
+    def __init__(self, keywords_path: Path, exclusions_path: Path, places_path: Path | None = None) -> None:
+        keyword_entries, exclusion_entries = _entries(keywords_path), _entries(exclusions_path)
+        if not keyword_entries:
+            raise ValueError(f"keyword list {keywords_path} has no entries")
+        uses_places = any("~" in entry for entry, _ in keyword_entries + exclusion_entries)
+        # Read only when used: lists without proximity entries (rs-v1) keep their identity.
+        self.places = _read_places(places_path) if uses_places and places_path is not None else None
+        self.keywords = _parse_list(keyword_entries, self.places)
+        self.exclusions = _parse_list(exclusion_entries, self.places)
+        lines = [f"matcher {MATCHER_VERSION}", "keywords", *(p.text.lower() for p in self.keywords)]
+        lines += ["exclusions", *(p.text.lower() for p in self.exclusions)]
+        if self.places is not None:
+            lines += [f"places within {WINDOW} words", *(p.text.lower() for p in self.places.phrases)]
+        normalised = "\n".join(lines)
         self.identity = hashlib.sha256(normalised.encode()).hexdigest()
         self.candidate_pattern = "|".join(dict.fromkeys(p.loose for p in self.keywords))
         self._keyword_pattern = _alternation(self.keywords, "keyword")
         self._exclusion_pattern = _alternation(self.exclusions, "exclusion") if self.exclusions else None
-        keyword_re = re.compile(self._keyword_pattern)
-        # Only exclusions that contain a keyword can veto one: the detail of a drop names one of those.
-        self._vetoing = [p for p in self.exclusions if keyword_re.search(p.example)]
-        self._vetoing_pattern = _alternation(self._vetoing, "exclusion") if self._vetoing else None
+        # Only exclusions that contain a keyword, a proximity cue or a place (masking one breaks a window)
+        # can veto one: the detail of a drop names one of those.
+        parts = [p.regex for p in self.keywords] + [p.cue.regex for p in self.keywords if p.cue is not None]
+        if self.places is not None and len(parts) > len(self.keywords):
+            parts.append(re.compile(self.places.pattern))
+        self._vetoing = [p for p in self.exclusions if any(r.search(p.example) for r in parts)]
+        # The rows with a vetoed keyword are few (an exclusion hit and nothing left): they are decided with
+        # Python's re, which spares two RE2 compiles of the big patterns per call. With re.ASCII, \b is
+        # RE2's ASCII word boundary and alternation is leftmost-first in both, so the results are RE2's.
+        self._keyword_re = re.compile(self._keyword_pattern, re.ASCII)
+        self._entry_of_span: dict[str, str] = {}  # keyword span -> its list entry
+        self._vetoing_re = (
+            re.compile(_alternation(self._vetoing, "exclusion"), re.ASCII) if self._vetoing else None
+        )
 
     @classmethod
     def from_config(cls, config: KeywordConfig) -> KeywordMatcher:
-        return cls(resolve_list(config.keywords, "keywords"), resolve_list(config.exclusions, "exclusions"))
+        return cls(
+            resolve_list(config.keywords, "keywords"),
+            resolve_list(config.exclusions, "exclusions"),
+            resolve_list(config.places, "places"),
+        )
 
     def match(self, captions: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
         """Per row: (the matched keyword as listed, or null; the vetoing exclusion as listed, or null).
 
         At most one of the two is set; both are null for captions without any keyword (and null captions).
         """
+        position, keyword, exclusion = self.match_candidates(captions)
+        return pc.take(keyword, position), pc.take(exclusion, position)
+
+    def match_candidates(self, captions: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, pa.Array, pa.Array]:
+        """(position, keyword, exclusion): `match` for the candidate rows only, the few the prefilter let
+        through; position holds each caption's candidate index, null for the others (no keyword)."""
         if isinstance(captions, pa.ChunkedArray):
             captions = captions.combine_chunks()
-        n = len(captions)
         is_candidate = pc.fill_null(
             pc.match_substring_regex(captions, self.candidate_pattern, ignore_case=True), False
         )
@@ -155,40 +292,62 @@ class KeywordMatcher:
         masked = canonical
         if self._exclusion_pattern is not None:
             masked = pc.replace_substring_regex(canonical, self._exclusion_pattern, _MASK)
-        keyword = self._extract(masked, self._keyword_pattern, self.keywords)
+        keyword = self._extract(masked)
         exclusion = pa.nulls(len(canonical), pa.string())
-        if self._vetoing_pattern is not None:
-            vetoed = pc.and_(pc.is_null(keyword), pc.match_substring_regex(canonical, self._keyword_pattern))
-            vetoed_exclusion = self._extract(canonical.filter(vetoed), self._vetoing_pattern, self._vetoing)
-            exclusion = pc.replace_with_mask(exclusion, vetoed, vetoed_exclusion)
-        nothing = pa.nulls(n, pa.string())
-        return (
-            pc.replace_with_mask(nothing, is_candidate, keyword),
-            pc.replace_with_mask(nothing, is_candidate, exclusion),
-        )
+        # Only a row that the exclusions changed and that kept no keyword can have had one vetoed: a keyword
+        # in its unmasked text, inside the first vetoing exclusion, which the detail names.
+        masked_out = pc.and_(pc.is_null(keyword), pc.not_equal(masked, canonical))
+        if self._vetoing_re is not None and pc.any(masked_out).as_py():
+            held = canonical.filter(masked_out).to_pylist()
+            vetoes = [self._veto(text) for text in held]
+            exclusion = pc.replace_with_mask(exclusion, masked_out, pa.array(vetoes, pa.string()))
+        position = pc.subtract(pc.cumulative_sum(pc.cast(is_candidate, pa.int32())), 1)
+        position = pc.if_else(is_candidate, position, pa.scalar(None, pa.int32()))
+        return position, keyword, exclusion
 
-    @staticmethod
-    def _extract(canonical: pa.Array, pattern: str, phrases: list[Phrase]) -> pa.Array:
-        """The first phrase of `pattern` in each row, reported as listed; null where none occurs."""
-        found = pc.struct_field(pc.extract_regex(canonical, pattern), [0])
-        # Matched spans vary ("aerials", "birdseye view"); map each distinct one back to its list entry.
+    def _veto(self, text: str) -> str | None:
+        """The exclusion that vetoed the keyword of an unmasked canonical text; None if it had none."""
+        if self._vetoing_re is None or self._keyword_re.search(text) is None:
+            return None
+        found = self._vetoing_re.search(text)
+        return None if found is None else next(p.text for p in self._vetoing if p.regex.fullmatch(found[0]))
+
+    def _extract(self, canonical: pa.Array) -> pa.Array:
+        """The first keyword in each row, reported as listed; null where none occurs."""
+        found = pc.struct_field(pc.extract_regex(canonical, self._keyword_pattern), [0])
+        # Matched spans vary ("aerials", "birdseye view", "top view of the old town"); map each distinct one
+        # back to its list entry, remembering the answer (most spans recur from shard to shard).
         spans = pc.unique(found).drop_null()
-        entries = [next(p.text for p in phrases if p.regex.fullmatch(span)) for span in spans.to_pylist()]
+        if len(self._entry_of_span) > 100_000:
+            self._entry_of_span.clear()
+        entries = [self._entry_of_span.get(span) or self._entry(span) for span in spans.to_pylist()]
         return pc.take(pa.array(entries, pa.string()), pc.index_in(found, spans))
+
+    def _entry(self, span: str) -> str:
+        entry = self._entry_of_span[span] = next(p.text for p in self.keywords if p.regex.fullmatch(span))
+        return entry
 
 
 def filter_shard(table: pa.Table, matcher: KeywordMatcher) -> ShardOutcome:
     """Decide every row of an INGEST_SCHEMA shard; survivors come back in KEYWORD_SCHEMA, in input order."""
-    keyword, exclusion = matcher.match(table.column("caption"))
-    reasons = pc.if_else(
+    position, keyword, exclusion = matcher.match_candidates(table.column("caption"))
+    # Decided on the few candidates, then spread over all rows in one take each: a row the prefilter
+    # rejected points past the candidates, at "no_keyword" (reason) and null (detail).
+    reason = pc.if_else(
         pc.is_valid(keyword),
         pa.scalar(None, pa.string()),
         pc.if_else(pc.is_valid(exclusion), pa.scalar("excluded_keyword"), pa.scalar("no_keyword")),
     )
-    details = pc.coalesce(keyword, exclusion)
-    outcome = split_by_reason(table.append_column("matched_keyword", keyword), reasons, details)
-    kept = outcome.kept.select(KEYWORD_SCHEMA.names).cast(KEYWORD_SCHEMA)
-    return ShardOutcome(kept=kept, decisions=outcome.decisions)
+    everywhere = pc.fill_null(position, len(keyword))
+    reasons = pc.take(pa.concat_arrays([reason, pa.array(["no_keyword"])]), everywhere)
+    details = pc.take(
+        pa.concat_arrays([pc.coalesce(keyword, exclusion), pa.nulls(1, pa.string())]), everywhere
+    )
+    outcome = split_by_reason(table, reasons, details)
+    kept = outcome.kept.append_column("matched_keyword", keyword.filter(pc.is_valid(keyword)))
+    return ShardOutcome(
+        kept=kept.select(KEYWORD_SCHEMA.names).cast(KEYWORD_SCHEMA), decisions=outcome.decisions
+    )
 
 
 def _processor(config: PipelineConfig) -> Callable[[pa.Table], ShardOutcome]:

@@ -1,19 +1,25 @@
-"""The RS keyword stage: phrase syntax, exclusion spans, list resolution, shard decisions, and the shipped
-rs-v1 lists' precision and recall on hand-labelled real web captions (tests/data/keyword_labels.csv)."""
+"""The RS keyword stage: phrase syntax, proximity entries (`CUE ~place`), exclusion spans, list resolution,
+shard decisions, and the shipped lists' precision and recall on hand-labelled real web captions
+(tests/data/keyword_labels.csv, a tune and a held-out split)."""
 
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
-from rs5m.config import KeywordConfig
+from rs5m.config import KeywordConfig, parse_config
+from rs5m.config_base import ConfigError
 from storage.schemas import DECISION_SCHEMA, INGEST_SCHEMA, KEYWORD_SCHEMA
-from tasks.keyword import REASONS, KeywordMatcher, filter_shard
+from tasks.keyword import KEYWORD, REASONS, KeywordMatcher, filter_shard, resolve_list
 
 LABELS = Path(__file__).parent / "data" / "keyword_labels.csv"
+# KeywordMatcher(rs-v1).identity as rs-v1 shipped (before proximity entries existed): it must not move.
+RS_V1_IDENTITY = "12f1efdf3a18ef0635c03731ffa150d53d77cc34af9966d503519f9abc03b9d1"
+PLACES = ["town", "field", "city", "cities", "old mill", "beach"]
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +27,23 @@ def shipped() -> KeywordMatcher:
     return KeywordMatcher.from_config(KeywordConfig())
 
 
-def custom(tmp_path: Path, keywords: list[str], exclusions: list[str]) -> KeywordMatcher:
+@pytest.fixture(scope="module")
+def rs_v1() -> KeywordMatcher:
+    return KeywordMatcher.from_config(KeywordConfig(keywords="rs-v1", exclusions="rs-v1"))
+
+
+def custom(
+    tmp_path: Path, keywords: list[str], exclusions: list[str], places: list[str] = PLACES
+) -> KeywordMatcher:
     (tmp_path / "k.txt").write_text("# test keywords\n" + "\n".join(keywords) + "\n")
     (tmp_path / "x.txt").write_text("\n".join(exclusions) + "\n")
+    (tmp_path / "p.txt").write_text("# test places\n" + "\n".join(places) + "\n")
     return KeywordMatcher.from_config(
-        KeywordConfig(keywords=str(tmp_path / "k.txt"), exclusions=str(tmp_path / "x.txt"))
+        KeywordConfig(
+            keywords=str(tmp_path / "k.txt"),
+            exclusions=str(tmp_path / "x.txt"),
+            places=str(tmp_path / "p.txt"),
+        )
     )
 
 
@@ -74,6 +92,16 @@ def ingest_table(captions: list[str | None]) -> pa.Table:
         ("flying over the mountains and lake", "^flying over"),
         ("orthophotos of the town", "orthophoto"),
         ("the town from the air", "from the air"),
+        # rs-v2: plain phrases and proximity entries (a viewpoint cue next to a place)
+        ("view of global storm from space .", "from space"),
+        ("drone flies over a mountain and reveals a village", "drone flies over"),
+        ("the camera flies over the waves .", "camera flies over"),
+        ("car seen from above driving between fields in the summer .", "seen from above"),
+        ("view from above of small resort town in the mountains", "view from above ~place"),
+        ("top view of white clustered buildings", "top view ~place"),
+        ("Top-down view of a highway interchange", "top down view ~place"),
+        ("Village, view from above", "view from above ~place"),
+        ("overhead view of the harbour at dawn", "overhead view ~place"),
     ],
 )
 def test_shipped_list_matches_variants(shipped: KeywordMatcher, caption: str, keyword: str) -> None:
@@ -92,6 +120,12 @@ def test_shipped_list_matches_variants(shipped: KeywordMatcher, caption: str, ke
         "DJI drone with camera for sale",
         "fresh salad in a bowl, top view",
         "a bird flying over the lake",  # ^flying over only at the start
+        # viewpoint cues without a place: flat lays, food, products, desks
+        "Pen, notebook and cup coffee on table. View from above. \u2014 Stock Photo #8518266",
+        "breakfast with fresh croissants , cup of coffee and strawberry jam on a white wooden background , top view",
+        "Hardwood maple basketball court floor viewed from above. stock photo",
+        "overhead view of a medical stethoscope , computer keyboard , mouse and pills on stainless steel table",
+        "nike zoom vick ii 2 og top view",
         "",
         "   ",
     ],
@@ -109,16 +143,23 @@ def test_shipped_list_ignores_non_rs(shipped: KeywordMatcher, caption: str) -> N
         ("TV aerial on a roof", "tv aerial"),
         ("tv aerial aerial yoga", "tv aerial"),  # adjacent exclusions both veto
         ("military drone shot down over the desert", "drone shot down"),
+        (
+            "street: Top view of the city seamless pattern of streets, roads, houses, and cars Illustration",
+            "seamless pattern ~place",
+        ),
     ],
 )
 def test_shipped_exclusions_veto(shipped: KeywordMatcher, caption: str, exclusion: str) -> None:
     assert matched(shipped, [caption]) == [(None, exclusion)]
 
 
-def test_every_shipped_exclusion_contains_a_keyword(shipped: KeywordMatcher) -> None:
-    # An exclusion with no keyword inside would never veto anything: a dead entry.
-    texts = [p.text for p in shipped.exclusions]
-    assert matched(shipped, texts) == [(None, text) for text in texts]
+@pytest.mark.parametrize("version", ["rs-v1", "rs-v2"])
+def test_every_shipped_exclusion_vetoes_a_keyword(version: str) -> None:
+    # An exclusion with no keyword inside would never veto anything: a dead entry. A proximity exclusion
+    # ("seamless pattern ~place") holds a place: after a cue, masking it breaks the cue's window.
+    matcher = KeywordMatcher.from_config(KeywordConfig(keywords=version, exclusions=version))
+    captions = [p.text if p.cue is None else f"top view {p.example}" for p in matcher.exclusions]
+    assert matched(matcher, captions) == [(None, p.text) for p in matcher.exclusions]
 
 
 def test_exclusion_vetoes_only_its_own_span(tmp_path: Path) -> None:
@@ -198,8 +239,199 @@ def test_identity_follows_list_contents(tmp_path: Path, shipped: KeywordMatcher)
     changed = custom(tmp_path, ["aerial", "satellite image"], ["tv aerial", "aerial yoga"])
     assert base.identity == reformatted.identity
     assert base.identity != changed.identity
-    assert shipped.identity == KeywordMatcher.from_config(KeywordConfig(keywords="rs-v1")).identity
+    named = KeywordConfig(keywords="rs-v2", exclusions="rs-v2", places="rs-v2")
+    assert shipped.identity == KeywordMatcher.from_config(named).identity
     assert len(shipped.identity) == 64
+
+
+def test_proximity_entry_needs_a_place_within_four_words(tmp_path: Path) -> None:
+    matcher = custom(tmp_path, ["top view ~place", "aerial"], ["tv aerial"])
+    assert matched(
+        matcher,
+        [
+            "top view of the old town",  # place after the cue
+            "Town, top view",  # place before the cue
+            "top view a b c d town",  # 4 words between: inside the window
+            "top view a b c d e town",  # 5 words between: outside
+            "town a b c d top view",
+            "town a b c d e top view",
+            "top view of two towns",  # plural place
+            "Cities: top view",  # irregular plural listed on its own
+            "the town's top-view",  # possessive place, any separator in the cue
+            "top views of the beaches",
+            "at the old mill, top view",  # a place of two words
+            "fresh salad in a bowl, top view",  # no place
+            "the town",  # no cue
+            "top view of a townhouse",  # whole words only
+            "aerial town top view",  # a plain phrase wins at its position, the leftmost match is reported
+        ],
+    ) == [
+        ("top view ~place", None),
+        ("top view ~place", None),
+        ("top view ~place", None),
+        (None, None),
+        ("top view ~place", None),
+        (None, None),
+        ("top view ~place", None),
+        ("top view ~place", None),
+        ("top view ~place", None),
+        ("top view ~place", None),
+        ("top view ~place", None),
+        (None, None),
+        (None, None),
+        (None, None),
+        ("aerial", None),
+    ]
+
+
+def test_proximity_entry_reported_as_written_longest_cue_first(tmp_path: Path) -> None:
+    matcher = custom(tmp_path, ["From  Above ~place", "view from above   ~place", "top view"], [])
+    assert matched(
+        matcher,
+        [
+            "town view from above",
+            "view from above: the town",
+            "town seen from above",
+            "top view town",
+        ],
+    ) == [
+        ("view from above ~place", None),
+        ("view from above ~place", None),
+        ("From Above ~place", None),
+        ("top view", None),  # a plain phrase before a proximity entry at one position
+    ]
+
+
+def test_exclusion_span_breaks_the_proximity_window(tmp_path: Path) -> None:
+    matcher = custom(
+        tmp_path, ["top view ~place", "aerial"], ["tv aerial", "toy town", "seamless pattern ~place"]
+    )
+    assert matched(
+        matcher,
+        [
+            "top view of a toy town",  # the place lies inside an exclusion
+            "top view, tv aerial, town",  # an exclusion between cue and place
+            "top view, town, tv aerial",  # the exclusion elsewhere: the window holds
+            "top view of the city seamless pattern",  # a proximity exclusion masks the place
+            "seamless pattern of dots and stripes; top view of the town",  # ... only next to a place
+        ],
+    ) == [
+        (None, "toy town"),
+        (None, "tv aerial"),
+        ("top view ~place", None),
+        (None, "seamless pattern ~place"),
+        ("top view ~place", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("keywords", "places", "file_line", "message"),
+    [
+        (["aerial", "~place"], PLACES, r"k\.txt:3", "no cue phrase before ~place"),
+        (["top view ~ville"], PLACES, r"k\.txt:2", "unknown '~ville'"),
+        (["top ~place view"], PLACES, r"k\.txt:2", "must end the entry"),
+        (["top view ~place ~place"], PLACES, r"k\.txt:2", "must end the entry"),
+        (["top view ~"], PLACES, r"k\.txt:2", "must end the entry"),
+        (["^top view ~place"], PLACES, r"k\.txt:2", "cannot be anchored"),
+        (["top view ~place"], ["town", "^city"], r"p\.txt:3", "a place is a plain phrase"),
+        (["top view ~place"], ["town ~place"], r"p\.txt:2", "a place is a plain phrase"),
+        (["top view ~place"], ["--"], r"p\.txt:2", "not a usable phrase"),
+        (["top view ~place"], ["# none"], r"p\.txt", "has no entries"),
+    ],
+)
+def test_bad_proximity_syntax_names_file_and_line(
+    tmp_path: Path, keywords: list[str], places: list[str], file_line: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=file_line) as caught:
+        custom(tmp_path, keywords, [], places)
+    assert message in str(caught.value)
+
+
+def test_proximity_syntax_in_exclusions_and_any_case(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"x\.txt:2: unknown '~ville'"):
+        custom(tmp_path, ["top view ~place"], ["tv aerial", "seamless pattern ~ville"])
+    matcher = custom(tmp_path, ["Top View ~Place"], [])
+    assert matched(matcher, ["TOWN - TOP VIEW"]) == [("Top View ~Place", None)]
+
+
+def test_proximity_entries_need_a_places_list(tmp_path: Path) -> None:
+    (tmp_path / "k.txt").write_text("top view ~place\n")
+    (tmp_path / "x.txt").write_text("")
+    with pytest.raises(ValueError, match=r"k\.txt:1.*need a places list"):
+        KeywordMatcher(tmp_path / "k.txt", tmp_path / "x.txt")
+
+
+def test_rs_v1_unchanged(rs_v1: KeywordMatcher, shipped: KeywordMatcher, tmp_path: Path) -> None:
+    captions = [
+        "view from above of small resort town in the mountains",
+        "drone flies over a mountain and reveals a village",
+        "top view of white clustered buildings",
+        "aerial view of the old town",
+    ]
+    assert [k for k, _ in matched(rs_v1, captions)] == [None, None, None, "aerial"]
+    assert [k for k, _ in matched(shipped, captions)] == [
+        "view from above ~place",
+        "drone flies over",
+        "top view ~place",
+        "aerial",
+    ]
+    # rs-v1 has no proximity entry: its identity (and so its stage fingerprint) ignores the places list
+    assert rs_v1.places is None
+    assert rs_v1.identity == RS_V1_IDENTITY
+    (tmp_path / "p.txt").write_text("town\n")
+    other = KeywordConfig(keywords="rs-v1", exclusions="rs-v1", places=str(tmp_path / "p.txt"))
+    assert KeywordMatcher.from_config(other).identity == RS_V1_IDENTITY
+
+
+def test_places_list_is_part_of_the_identity_only_when_used(tmp_path: Path) -> None:
+    with_cue = custom(tmp_path, ["aerial", "top view ~place"], [])
+    with_cue_fewer_places = custom(tmp_path, ["aerial", "top view ~place"], [], ["town"])
+    plain = custom(tmp_path, ["aerial"], [])
+    plain_fewer_places = custom(tmp_path, ["aerial"], [], ["town"])
+    assert with_cue.identity != with_cue_fewer_places.identity
+    assert plain.identity == plain_fewer_places.identity
+
+
+def _pipeline(keyword: dict) -> dict:
+    source = {
+        "name": "a",
+        "path": "a.tsv",
+        "format": "tsv",
+        "header": False,
+        "column_names": ["caption", "url"],
+    }
+    return {"workdir": "work", "sources": [source], "keyword": keyword}
+
+
+def test_places_config(tmp_path: Path) -> None:
+    assert KeywordConfig().places == "rs-v2"
+    assert KeywordConfig().keywords == KeywordConfig().exclusions == "rs-v2"
+    with pytest.raises(ValueError, match="unknown places list version 'rs-v9'"):
+        KeywordMatcher.from_config(KeywordConfig(places="rs-v9"))
+    with pytest.raises(ValueError, match="places list file not found: .*nope.txt"):
+        KeywordMatcher.from_config(KeywordConfig(places=str(tmp_path / "nope.txt")))
+    # a relative path resolves against the config's folder, like the other lists
+    (tmp_path / "my-places.txt").write_text("town\n")
+    config = parse_config(_pipeline({"places": "my-places.txt"}), base_dir=tmp_path)
+    assert config.keyword.places == str(tmp_path / "my-places.txt")
+    assert parse_config(_pipeline({"places": "rs-v2"}), base_dir=tmp_path).keyword.places == "rs-v2"
+    # the stage fingerprint follows the places list's content, not its path, and only when it is used
+    v1 = {"keywords": "rs-v1", "exclusions": "rs-v1"}
+    assert KEYWORD.fingerprint(parse_config(_pipeline(v1))) == KEYWORD.fingerprint(
+        parse_config(_pipeline({**v1, "places": str(tmp_path / "my-places.txt")}))
+    )
+    (tmp_path / "copy.txt").write_text(resolve_list("rs-v2", "places").read_text())
+    assert KEYWORD.fingerprint(parse_config(_pipeline({}))) == KEYWORD.fingerprint(
+        parse_config(_pipeline({"places": str(tmp_path / "copy.txt")}))
+    )
+    assert KEYWORD.fingerprint(parse_config(_pipeline({}))) != KEYWORD.fingerprint(
+        parse_config(_pipeline({"places": str(tmp_path / "my-places.txt")}))
+    )
+    # a bad value fails the pre-run check, naming the stage
+    from tasks.pipeline import check_config  # imports every stage (torch): only here
+
+    with pytest.raises(ConfigError, match=r"stage keyword \(keyword\): unknown places list version 'rs-v9'"):
+        check_config(parse_config(_pipeline({"places": "rs-v9"})), ["keyword"])
 
 
 def test_filter_shard_decides_every_row(shipped: KeywordMatcher) -> None:
@@ -246,21 +478,55 @@ def test_filter_shard_empty_table(shipped: KeywordMatcher) -> None:
     assert outcome.decisions.num_rows == 0
 
 
-def test_precision_and_recall_on_labelled_captions(shipped: KeywordMatcher) -> None:
-    """rs-v1 on 320 hand-labelled CC3M/LAION captions (all 121 naive-regex hits, 110 random, 89 tricky).
+def confusion(matcher: KeywordMatcher, split: str | None) -> tuple[int, int, int, int]:
+    """(tp, fp, fn, tn) of the matcher's hits on the labelled captions of one split (None: all rows)."""
+    with LABELS.open(encoding="utf-8", newline="") as f:
+        rows = [row for row in csv.DictReader(f) if split is None or row["split"] == split]
+    keyword, _ = matcher.match(pa.array([row["caption"] for row in rows], pa.string()))
+    pairs = [(k is not None, row["is_rs"] == "1") for k, row in zip(keyword.to_pylist(), rows, strict=True)]
+    return (
+        sum(p and a for p, a in pairs),
+        sum(p and not a for p, a in pairs),
+        sum(a and not p for p, a in pairs),
+        sum(not p and not a for p, a in pairs),
+    )
 
-    Measured: tp 90, fp 5, fn 9, tn 216 -> precision 0.947, recall 0.909. The thresholds sit just below, so
-    a list edit that costs a true or adds a false positive or two still passes, a real regression does not.
-    """
+
+def test_labelled_captions_split_sizes() -> None:
     with LABELS.open(encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) >= 220
-    keyword, _ = shipped.match(pa.array([row["caption"] for row in rows], pa.string()))
-    predicted = [k is not None for k in keyword.to_pylist()]
-    actual = [row["is_rs"] == "1" for row in rows]
-    tp = sum(p and a for p, a in zip(predicted, actual, strict=True))
-    fp = sum(p and not a for p, a in zip(predicted, actual, strict=True))
-    fn = sum(a and not p for p, a in zip(predicted, actual, strict=True))
-    precision, recall = tp / (tp + fp), tp / (tp + fn)
-    assert precision >= 0.93, (tp, fp, fn)
-    assert recall >= 0.89, (tp, fp, fn)
+    counts = Counter((row["split"], row["is_rs"]) for row in rows)
+    assert counts == {("tune", "1"): 99, ("tune", "0"): 221, ("heldout", "1"): 37, ("heldout", "0"): 205}
+
+
+def test_rs_v1_precision_and_recall_on_labelled_captions(rs_v1: KeywordMatcher) -> None:
+    """rs-v1 on the tune split: 320 hand-labelled CC3M/LAION captions (all 121 naive-regex hits, 110 random,
+    89 tricky), the captions it was built on.
+
+    Measured: tp 90, fp 5, fn 9, tn 216 -> precision 0.947, recall 0.909. On the held-out split (242 captions
+    labelled before rs-v2 was written): tp 16, fp 0, fn 21, tn 205 -> recall 0.432.
+    """
+    tp, fp, fn, tn = confusion(rs_v1, "tune")
+    assert (tp, fp, fn, tn) == (90, 5, 9, 216)
+    assert confusion(rs_v1, "heldout") == (16, 0, 21, 205)
+
+
+def test_rs_v2_precision_and_recall_on_labelled_captions(shipped: KeywordMatcher) -> None:
+    """rs-v2 (the default), recall first, tuned on the tune split only.
+
+    Measured on tune (320): tp 98, fp 8, fn 1, tn 213 -> precision 0.925, recall 0.990; the one miss is "top down
+    view of a man traveling in a ferry boat" (no place within 4 words of the cue).
+    Measured on held-out (242, never used to choose phrases): tp 25, fp 0, fn 12, tn 205 -> precision 1.000,
+    recall 0.676: below the 0.97 reached on tune; the held-out RS rows are RSICD/RSITMD captions whose
+    viewpoint phrasing rs-v2 still misses.
+    All 562 rows: tp 123, fp 8 -> precision 0.939.
+    The thresholds sit just below the measurements, so a list edit that costs a true or adds a false positive
+    or two still passes, a real regression does not.
+    """
+    tp, fp, fn, _ = confusion(shipped, "tune")
+    assert tp / (tp + fn) >= 0.97, (tp, fp, fn)
+    tp, fp, fn, _ = confusion(shipped, "heldout")
+    assert tp / (tp + fn) >= 0.64, (tp, fp, fn)
+    assert tp / (tp + fp) >= 0.95, (tp, fp, fn)
+    tp, fp, fn, _ = confusion(shipped, None)
+    assert tp / (tp + fp) >= 0.93, (tp, fp, fn)
