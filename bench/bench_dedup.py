@@ -11,7 +11,7 @@ grows as N^1.5 with nlist = 4 sqrt(N); memory is the float16 input plus the 8-bi
 the IVF search holds (n * (3 * dim + 8 + 12 * nprobe) bytes) on top of the largest run's fixed overhead.
 
 For each size in --perceptual-sizes, another child process times the perceptual-hash self-join
-(hash_neighbours at DEFAULT_MAX_DISTANCE, --perceptual-backend) on uniformly random 64-bit DCT hashes (bit 0
+(hash_neighbours at DEFAULT_MAX_DISTANCE, --perceptual-backend) on uniformly random 256-bit DCT hashes (bit 0
 cleared, as a real hash's DC bit always is), of which --copy-fraction of the rows are planted copies of distinct
 other rows: a random rotation/flip of the source's hash (dihedral_variants) with 0..--max-flips random bit
 flips, so every planted pair is within the threshold. It reports planted-pair recall, recall of every exact
@@ -46,6 +46,7 @@ from models.perceptual_hash import (  # noqa: E402
     DEFAULT_MAX_DISTANCE,
     FLAT_MAX_ROWS,
     HASH_BITS,
+    HASH_BYTES,
     dihedral_variants,
     hash_neighbours,
 )
@@ -157,17 +158,17 @@ def planted_hash_copies(
 ) -> tuple[np.ndarray, np.ndarray]:
     """n random hashes, copy_fraction of them planted copies of distinct others; returns (hashes, pair keys).
 
-    A copy is a random dihedral variant of its source with 0..max_flips of bits 1-63 flipped. Rows are shuffled;
+    A copy is a random dihedral variant of its source with 0..max_flips of bits 1-255 flipped. Rows are shuffled;
     pair keys are min(i, j) * n + max(i, j) of each (source, copy) pair.
     """
     rng = np.random.default_rng(seed)
     n_copies = int(n * copy_fraction)
     n_sources = n - n_copies
-    originals = rng.integers(0, 256, size=(n_sources, 8), dtype=np.uint8)
+    originals = rng.integers(0, 256, size=(n_sources, HASH_BYTES), dtype=np.uint8)
     originals[:, 0] &= 0x7F  # bit 0 (the DC coefficient's sign) is always 0 in a real hash
     sources = rng.choice(n_sources, size=n_copies, replace=False)
     turned = dihedral_variants(originals[sources])[np.arange(n_copies), rng.integers(0, 8, n_copies)]
-    # The first `flips` of a random ordering of bits 1..63, per copy.
+    # The first `flips` of a random ordering of bits 1..255, per copy.
     flips = rng.integers(0, max_flips + 1, size=n_copies)
     rank = np.argsort(rng.random((n_copies, HASH_BITS - 1)), axis=1)
     flip_bits = np.zeros((n_copies, HASH_BITS), dtype=bool)
@@ -185,7 +186,7 @@ def planted_hash_copies(
 
 def random_pair_probability(max_distance: int) -> float:
     """Chance that a random hash is within max_distance of a given one under some rotation/flip: 8 variants,
-    each a Binomial(63, 1/2) distance on the 63 informative bits (union bound; the variants are far apart)."""
+    each a Binomial(255, 1/2) distance on the 255 informative bits (union bound; the variants are far apart)."""
     within = sum(math.comb(HASH_BITS - 1, k) for k in range(max_distance + 1)) / 2 ** (HASH_BITS - 1)
     return 8 * within
 
@@ -193,11 +194,11 @@ def random_pair_probability(max_distance: int) -> float:
 def exact_hash_pair_keys(hashes: np.ndarray, rows: np.ndarray, max_distance: int) -> np.ndarray:
     """Keys min(i, j) * n + max(i, j) of every pair within max_distance (over the 8 variants) with i in rows."""
     n = len(hashes)
-    stored = hashes.view(np.uint64)[:, 0]
-    variants = dihedral_variants(hashes[rows]).view(np.uint64)[:, :, 0]  # (rows, 8)
+    stored = hashes.view(np.uint64)  # (n, 4 words)
+    variants = dihedral_variants(hashes[rows]).view(np.uint64)  # (rows, 8, 4)
     keys = []
     for row, row_variants in zip(rows.tolist(), variants, strict=True):
-        distance = np.bitwise_count(row_variants[:, None] ^ stored[None, :]).min(axis=0)
+        distance = np.bitwise_count(row_variants[:, None] ^ stored[None, :]).sum(axis=2).min(axis=0)
         near = np.flatnonzero(distance <= max_distance)
         near = near[near != row]
         keys.append(np.minimum(near, row) * n + np.maximum(near, row))
@@ -311,7 +312,7 @@ def main() -> None:
         "--copy-fraction", type=float, default=0.01, help="perceptual: share of rows planted as copies"
     )
     parser.add_argument(
-        "--max-flips", type=int, default=5, help="perceptual: a copy has 0..this many bits flipped"
+        "--max-flips", type=int, default=24, help="perceptual: a copy has 0..this many bits flipped"
     )
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--perceptual-child", type=int, help=argparse.SUPPRESS)

@@ -25,9 +25,13 @@ k most similar ones. In a self-join a pair is kept if either side finds it, and 
 member linked to its keeper, so groups larger than k+1 still form as long as their members' top-k lists reach
 the keeper; a group of thousands of identical images is only partly linked. Raise k (<= MAX_K) if that matters.
 
-`group_by_keeper` turns pairs into groups without chaining: samples are taken in priority order; an unassigned
-sample becomes a keeper and claims its unassigned neighbours, so every member is directly within the threshold
-of its keeper.
+`group_by_keeper` turns pairs into groups without chaining, keeping the members that stand for the most others:
+the unassigned sample with the most unassigned neighbours (ties: higher priority, then lower index) becomes a
+keeper and claims those neighbours, repeatedly. So every dropped sample is directly within the threshold of its
+keeper, and no two keepers are linked (a keeper's unassigned neighbours are all claimed when it is chosen):
+released samples are pairwise beyond the thresholds, as far as the search found the pairs. In a chain a~b~c
+(a !~ c) b keeps both; a crop at the edge of the threshold beside its original and the original's flips loses
+to the original, which is close to all of them, whatever their priorities.
 
 `planted_groups` makes synthetic normalised embeddings with planted near-duplicate groups, for tests and
 benchmarks.
@@ -35,6 +39,7 @@ benchmarks.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
 from pathlib import Path
@@ -119,13 +124,13 @@ def embedding_neighbours(
 
 
 def group_by_keeper(n: int, pairs: Pairs, priority: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(group_id, keeper) per sample from thresholded pairs; no chaining.
+    """(group_id, keeper) per sample from thresholded pairs; no chaining, no two keepers paired.
 
-    Samples are taken by descending priority (ties: lower index first; NaN last). An unassigned sample becomes
-    the keeper of a new group and claims its unassigned neighbours, so a member joins the highest-priority
-    keeper it is directly paired with. keeper[i] is the index kept for i's group (keeper[i] == i for keepers
-    and singletons); group_id numbers the groups 0.. in order of their keeper's index. `pairs` is (i, j, ...)
-    with any further arrays (scores) ignored; direction, duplicates and self-pairs do not matter.
+    Greedy cover (module docstring): the unassigned sample with the most unassigned neighbours becomes a keeper
+    and claims them (ties: higher priority, NaN lowest, then the lower index). keeper[i] is the index kept for
+    i's group (keeper[i] == i for keepers and singletons); group_id numbers the groups 0.. in order of their
+    keeper's index. `pairs` is (i, j, ...) with any further arrays (scores) ignored; direction, duplicates and
+    self-pairs do not matter.
     """
     priority = np.asarray(priority)
     if priority.shape != (n,):
@@ -140,7 +145,8 @@ def group_by_keeper(n: int, pairs: Pairs, priority: np.ndarray) -> tuple[np.ndar
     linked = rows != cols
     rows, cols = rows[linked], cols[linked]
     if rows.size:
-        _claim_in_priority_order(n, rows, cols, priority, keeper)
+        key = np.unique(np.minimum(rows, cols) * np.int64(n) + np.maximum(rows, cols))
+        _claim_by_cover(n, key // n, key % n, priority, keeper)
     _, group_id = np.unique(keeper, return_inverse=True)
     return group_id.astype(np.int64), keeper
 
@@ -181,10 +187,10 @@ def planted_groups(
     return embeddings, labels
 
 
-def _claim_in_priority_order(
+def _claim_by_cover(
     n: int, rows: np.ndarray, cols: np.ndarray, priority: np.ndarray, keeper: np.ndarray
 ) -> None:
-    """The greedy claim over samples that have neighbours; fills `keeper` in place."""
+    """The greedy cover over samples that have neighbours (unique pairs i < j); fills `keeper` in place."""
     # Rank 0 is the highest priority: lexsort's last key is primary; -priority puts NaN last.
     order = np.lexsort((np.arange(n), -priority.astype(np.float64)))
     rank = np.empty(n, dtype=np.int64)
@@ -192,21 +198,30 @@ def _claim_in_priority_order(
     # Symmetric CSR adjacency: neighbours of u are neighbour[start[u]:start[u + 1]].
     src = np.concatenate([rows, cols])
     dst = np.concatenate([cols, rows])
-    by_src = np.argsort(src, kind="stable")
-    neighbour = dst[by_src]
+    neighbour = dst[np.argsort(src, kind="stable")]
     start = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(src, minlength=n), out=start[1:])
+    free_degree = np.diff(start)
     assigned = np.zeros(n, dtype=bool)
-    # Only samples with neighbours need the sequential pass; the rest stay their own keepers.
-    has_neighbour = np.flatnonzero(start[1:] > start[:-1])
-    for u in has_neighbour[np.argsort(rank[has_neighbour])].tolist():
+    # A max-heap on (free degree, priority) with lazy updates: an entry whose degree went stale is pushed again.
+    heap = [(-int(free_degree[u]), int(rank[u]), u) for u in np.flatnonzero(free_degree).tolist()]
+    heapq.heapify(heap)
+    while heap:
+        negative_degree, u_rank, u = heapq.heappop(heap)
         if assigned[u]:
             continue
-        assigned[u] = True
+        if -negative_degree != free_degree[u]:
+            heapq.heappush(heap, (-int(free_degree[u]), u_rank, u))
+            continue
         near = neighbour[start[u] : start[u + 1]]
-        free = near[~assigned[near]]
-        assigned[free] = True
-        keeper[free] = u
+        claimed = near[~assigned[near]]
+        assigned[u] = True
+        assigned[claimed] = True
+        keeper[claimed] = u
+        # u and its claimed members are no longer free: their neighbours lose them from their free degree.
+        newly = np.concatenate([[u], claimed])
+        touched = np.concatenate([neighbour[start[v] : start[v + 1]] for v in newly.tolist()])
+        np.subtract.at(free_degree, touched, 1)
 
 
 def _as_matrix(array: np.ndarray, name: str) -> np.ndarray:

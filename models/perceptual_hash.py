@@ -1,13 +1,14 @@
 """Perceptual near-duplicate detection for overhead image tiles, invariant to the 8 rotations/flips.
 
-The hash is a DCT hash (pHash family): grayscale, resize to 32x32 with a fixed Lanczos filter, 2-D DCT-II,
-keep the low-frequency 8x8 block, one bit per coefficient. Each bit is the coefficient's SIGN (bit = coef > 0);
-the DC coefficient is always positive, so bit 0 is fixed at 0 and 63 bits carry information.
+The hash is a DCT hash (pHash family): grayscale, resize to 64x64 with a fixed Lanczos filter, 2-D DCT-II,
+keep the low-frequency 16x16 block, one bit per coefficient: 256 bits (32 bytes). Each bit is the coefficient's
+SIGN (bit = coef > 0); the DC coefficient is always positive, so bit 0 is fixed at 0 and 255 bits carry
+information.
 
 Why sign bits rather than the classic "above the median" bits: the dihedral group then acts EXACTLY on the hash.
 A transpose of the image transposes the DCT block; a left-right flip negates the coefficients with an odd column
 frequency and an up-down flip those with an odd row frequency. So the hash of a rotated/flipped image is the
-hash of the original with its 8x8 bit grid transposed and/or XORed with a parity mask, computed from the 64 bits
+hash of the original with its 16x16 bit grid transposed and/or XORed with a parity mask, computed from the 256 bits
 alone (`dihedral_variants`). With a median threshold the negations move the median and that identity breaks.
 
 Why no canonical hash: picking one of the 8 variants (e.g. the lexicographically smallest) flips between
@@ -15,27 +16,28 @@ candidates whenever two are near-equal. Measured on the 350 RSSCN7 images, the c
 copy was 30+ bits from its original's for the worst 1-5% of images, whatever the threshold rule. Instead the distance between two
 images is the minimum over the 8 variants of one of them, which is what a rotation-blind comparison should be;
 the exact group action makes it symmetric. `hash_neighbours` searches with all 8 variants of each query against
-the stored hashes (one per image), so storage stays one 8-byte hash per image and search costs 8 queries.
+the stored hashes (one per image), so storage stays one 32-byte hash per image and search costs 8 queries.
 
-Measured on RSSCN7 (350 JPEGs 400x400, tests/test_perceptual_hash.py): rotations, flips, transpose, JPEG
-re-encoding (q50, q75) and 0.5x/0.75x resizing land within 5 bits of the original (100% found); centre crops
-removing 2.5% per side: 92.9% within 11 bits; the closest two distinct originals are 13 bits apart. Hence the
-default `DEFAULT_MAX_DISTANCE = 11`: 2 bits below the closest distinct pair, 6 above the worst of those copies.
-A 64-bit DCT hash cannot separate much larger crops from distinct images of uniform texture (grass, forest):
-5% crops per side are found only about 40% of the time at this threshold.
+Why 256 bits, not the classic 64 (8x8 block of a 32x32 thumbnail, this module until issue 11): a short hash
+cannot keep distinct scenes apart at scale. Measured on 571 real RS images (RSSCN7, UC Merced, BigEarthNet RGB;
+bench/bench_dedup_quality.py), the closest two distinct originals were 13 of 63 bits apart while 2.5% centre
+crops of the same images reached 19 bits (94.7% within the old threshold of 11); on a user's 1,800 aerial
+scenes distinct pairs came within 9 bits. At 256 bits the distances concentrate: the closest distinct pair is
+85 bits apart, rotations, flips, JPEG q50/q75 and 0.5x/0.75x resizing stay within 27 bits (100% found), and a
+2.5% crop is within 64 bits 96.3% of the time. Hence `DEFAULT_MAX_DISTANCE = 64`: 21 bits below the closest
+distinct pair. Two random hashes come within 64 bits with probability 8 x P(Binomial(255, 1/2) <= 64) = 2.9e-15
+per pair (the 64-bit hash at 11 bits: 6.7e-7, i.e. ~3.3e5 chance pairs among 1M images; bench measures it). Much larger
+crops stay out of reach of any global DCT hash: that is the embedding method's job.
 
-Search backends (`hash_neighbours(backend=...)`), measured on random hashes with 1% planted copies (a random
-rotation/flip plus 0..5 flipped bits), one faiss thread:
-- "flat", IndexBinaryFlat: exact, every query variant against every stored hash, cost n^2. 100k self-join
-  27 s, so about 45 min at 1M and 19 h at 5M. (IndexBinaryMultiHash, 4 x 16-bit tables, nflip=2, exact for
-  11 bits, was 8x slower than flat at 100k.)
+Search backends (`hash_neighbours(backend=...)`), measured on random 256-bit hashes with 1% planted copies (a
+random rotation/flip plus 0..24 flipped bits), one faiss thread, 2 noisy cores:
+- "flat", IndexBinaryFlat: exact, every query variant against every stored hash, cost n^2. 30k self-join
+  9.5 s, 100k 80 s, so about 2.5 h at 1M. (With the old 64-bit hash: 27 s at 100k.)
 - "ivf", IndexBinaryIVF with round(4 * sqrt(n)) lists, k-means trained on a fixed-seed sample of 40 hashes per
-  list, IVF_NPROBE = 32 lists scanned per query variant, cost about n^1.5. 100k: 5.0 s (0.19x flat), 300k:
-  19 s, 1M: 103 s, so about 20 min at 5M. Planted-copy recall 1.0 at 30k, 0.998 at 100k and 300k, 0.997 at 1M.
-  Pairs 6-11 bits apart are harder to catch: it found 91% of all exact pairs within 11 bits at 100k. It never
-  reports a false pair and its distances are exact: it only misses pairs. nprobe 16 was 1.4x faster but had
-  planted recall 0.990 and 83% of all pairs. A self-join pair gets two chances (each side queries the other);
-  in queries mode only the query side searches, so recall there is about the one-sided 0.99-0.997 at 30k.
+  list, IVF_NPROBE = 64 lists scanned per query variant, cost about n^1.5. 100k: 17-34 s, planted-copy recall
+  1.0 (nprobe 32: 0.998). Queries mode (400 planted copies against 30k): recall >= 0.99. It never reports a
+  false pair and its distances are exact: it only misses pairs, mostly those far apart (crops), so the
+  no-two-released-files-within-the-threshold guarantee of dedup holds for the pairs it finds.
 "auto" (the default) uses "flat" up to FLAT_MAX_ROWS = 50k stored hashes and "ivf" above.
 
 Undecodable input raises ValueError naming the image's index: images reach this module after the validate stage
@@ -53,18 +55,18 @@ import faiss
 import numpy as np
 from PIL import Image
 
-HASH_BYTES = 8
-HASH_BITS = 64
-DEFAULT_MAX_DISTANCE = 11
+HASH_BYTES = 32
+HASH_BITS = 256
+DEFAULT_MAX_DISTANCE = 64
 # hash_neighbours(backend="auto") searches exactly up to this many stored hashes, approximately (IVF) above.
 FLAT_MAX_ROWS = 50_000
 # Inverted lists the IVF backend scans per query variant; see the module docstring for recall and speed.
-IVF_NPROBE = 32
+IVF_NPROBE = 64
 
 Backend = Literal["auto", "flat", "ivf"]
 
-_SIDE = 32  # grayscale thumbnail side the DCT runs on
-_BLOCK = 8  # low-frequency block side: 8x8 = 64 bits
+_SIDE = 64  # grayscale thumbnail side the DCT runs on (32 let rotations move up to 27 bits, 64: 14)
+_BLOCK = 16  # low-frequency block side: 16x16 = 256 bits
 # JPEG draft decoding (DCT-domain downscale by 1/2..1/8) to at least this side: several times faster than a full
 # decode and it changed no detection rate on RSSCN7.
 _DRAFT_SIDE = 128
@@ -100,7 +102,7 @@ def _hash_thumbnails(thumbnails: np.ndarray) -> np.ndarray:
 
 
 def dct_hash(image: bytes) -> np.ndarray:
-    """The 64-bit hash of one encoded image as 8 uint8. Raises ValueError when PIL cannot decode it."""
+    """The 256-bit hash of one encoded image as 32 uint8. Raises ValueError when PIL cannot decode it."""
     try:
         thumbnail = _grayscale_thumbnail(image)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
@@ -109,7 +111,7 @@ def dct_hash(image: bytes) -> np.ndarray:
 
 
 def dct_hashes(images: Iterable[bytes]) -> np.ndarray:
-    """Hashes of encoded images, shape (n, 8) uint8 (faiss binary layout), in input order.
+    """Hashes of encoded images, shape (n, 32) uint8 (faiss binary layout), in input order.
 
     Raises ValueError naming the index of the first image PIL cannot decode.
     """
@@ -125,7 +127,7 @@ def dct_hashes(images: Iterable[bytes]) -> np.ndarray:
 
 
 def dihedral_variants(hashes: np.ndarray) -> np.ndarray:
-    """The hashes of the 8 rotations/flips of each image, shape (n, 8, 8); variant 0 is the identity."""
+    """The hashes of the 8 rotations/flips of each image, shape (n, 8, 32); variant 0 is the identity."""
     grids = np.unpackbits(_check_hashes(hashes), axis=1).reshape(-1, _BLOCK, _BLOCK).astype(bool)
     variants = []
     for oriented in (grids, grids.transpose(0, 2, 1)):
@@ -203,8 +205,9 @@ def hash_neighbours(
     probe_ids, base_ids = pair_keys // len(base), pair_keys % len(base)
     # Recomputed over all 8 variants: an approximate search may have matched a pair through a variant other
     # than the closest one.
-    words = probe_variants.view(np.uint64)[probe_ids, :, 0]  # (pairs, 8)
-    distances = np.bitwise_count(words ^ base.view(np.uint64)[base_ids]).min(axis=1)
+    words = probe_variants.view(np.uint64)[probe_ids]  # (pairs, 8 variants, 4 words)
+    differing = np.bitwise_count(words ^ base.view(np.uint64)[base_ids][:, None, :])
+    distances = differing.sum(axis=2, dtype=np.int32).min(axis=1)
     return probe_ids, base_ids, distances.astype(np.int32)
 
 

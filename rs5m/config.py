@@ -202,10 +202,17 @@ class FilterConfig(Strict):
 class DedupConfig(Strict):
     exact: bool = Field(True, description="Same normalised URL, or same sha256 of the original bytes.")
     perceptual_max_distance: int | None = Field(
-        11,
+        64,
         ge=0,
-        le=32,
-        description="Hamming distance of the rotation/flip-invariant DCT hash; null disables.",
+        le=255,
+        description="Hamming bits (of 256) of the rotation/flip-invariant DCT hash; null disables.",
+    )
+    perceptual_min_similarity: float | None = Field(
+        None,
+        ge=-1,
+        le=1,
+        description="Verification: a perceptual match links two images only if their image embeddings' cosine "
+        "is at least this too (meaningful with real CLIP weights); null: the hash alone decides.",
     )
     embedding_min_similarity: float | None = Field(
         0.95, gt=0, le=1, description="Cosine of image embeddings; null disables."
@@ -224,7 +231,7 @@ class EvalSetConfig(Strict):
 
 class DecontaminateConfig(Strict):
     eval_sets: list[EvalSetConfig] = Field(default_factory=list)
-    perceptual_max_distance: int | None = Field(11, ge=0, le=32)
+    perceptual_max_distance: int | None = Field(64, ge=0, le=255)
     embedding_min_similarity: float | None = Field(0.95, gt=0, le=1)
 
     @field_validator("eval_sets")

@@ -61,7 +61,7 @@ DATASET_SCHEMA = pa.schema(
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("sha256", pa.string()),  # of the image bytes
-        pa.field("phash", pa.string()),  # 64-bit DCT hash as 16 hex digits
+        pa.field("phash", pa.string()),  # 256-bit DCT hash as 64 hex digits
         pa.field("group_id", pa.string()),  # near-duplicate group this sample kept
         pa.field("matched_keyword", pa.string()),
         pa.field("extra", pa.string()),  # the source's other columns, a JSON object

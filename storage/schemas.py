@@ -63,7 +63,7 @@ VALIDATE_SCHEMA = pa.schema(
 # From embed on, shards carry metadata only: the image bytes stay in validate/data (stored once) and the
 # embeddings in <stage>/arrays/. Shard ids are kept, so the final stage finds the bytes by shard id.
 _METADATA_FIELDS = [f for f in VALIDATE_SCHEMA if f.name != "image"]
-EMBED_SCHEMA = pa.schema([*_METADATA_FIELDS, pa.field("phash", pa.binary(8))])
+EMBED_SCHEMA = pa.schema([*_METADATA_FIELDS, pa.field("phash", pa.binary(32))])
 FILTER_SCHEMA = pa.schema(
     [*EMBED_SCHEMA, pa.field("clip_score", pa.float32()), pa.field("rs_score", pa.float32())]
 )

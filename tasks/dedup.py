@@ -3,8 +3,10 @@
 Three methods, each optional (DedupConfig):
 - exact: the same `url` (already normalised by ingest: scheme and host lower-cased, default port and fragment
   dropped) or the same `sha256` of the original bytes;
-- perceptual: the `phash` column (rotation/flip-invariant DCT hash, models/perceptual_hash.py) within
-  `perceptual_max_distance` bits;
+- perceptual: the `phash` column (256-bit rotation/flip-invariant DCT hash, models/perceptual_hash.py) within
+  `perceptual_max_distance` bits, optionally confirmed by the image embeddings' cosine
+  (`perceptual_min_similarity`: with real CLIP weights, a check against two distinct scenes of uniform texture
+  whose hashes happen to be close);
 - embedding: image embeddings (the upstream's "image" array) with inner product >= `embedding_min_similarity`
   (models/near_duplicates.py, `embedding_backend`, `embedding_k` neighbours per sample).
 
@@ -12,12 +14,14 @@ Grouping. Exact copies are collapsed first: rows sharing a url or a sha256 form 
 same url as b, b same bytes as c puts all three together), represented by its member with the highest
 clip_score. The perceptual and embedding searches then run over those representatives only, so a placeholder
 image served a million times costs one row, not a million mutual pairs. Their pairs are grouped by
-models.near_duplicates.group_by_keeper with priority = clip_score (ties: the lower global index, counting
-through the shards in sorted order and their rows in order): the highest-scoring representative keeps its
-group and every other representative in it is DIRECTLY within a threshold of the keeper (no chaining). The
-members of an exact group follow their representative. So the kept sample of a group is its highest
-clip_score member, and a near-duplicate link is measured between representatives (for byte-identical copies
-that is the same as measuring the copy itself).
+models.near_duplicates.group_by_keeper, a greedy cover: the representative linked to the most others keeps
+them (ties: higher clip_score, then the lower global index, counting through the shards in sorted order and
+their rows in order), and so on. Every dropped representative is DIRECTLY within a threshold of its keeper
+(no chaining), and no two kept representatives are linked: no two released files are within the thresholds
+of each other, for every pair the searches found (all of them with the exact backends; the approximate ones
+may miss a few, models/perceptual_hash.py). The members of an exact group follow their representative. A
+near-duplicate link is measured between representatives (for byte-identical copies that is the same as
+measuring the copy itself).
 
 Recorded per sample: `group_id` = the keeper's sample_id for every member of a group of two or more
 (the keeper included, as a column on the kept rows too), null for samples without duplicates;
@@ -158,15 +162,8 @@ def dedup_shards(
     node = node_of_component[component]
     n_nodes = len(representatives)
 
-    perceptual = _empty_pairs()
-    if config.perceptual_max_distance is not None:
-        hashes, valid = phash_matrix(whole.column("phash"))
-        hashed = representatives[valid[representatives]]
-        nodes_hashed = node[hashed]
-        i, j, distance = hash_neighbours(hashes[hashed], config.perceptual_max_distance)
-        perceptual = (nodes_hashed[i], nodes_hashed[j], distance)
-    embedding = _empty_pairs()
-    if config.embedding_min_similarity is not None:
+    rows = None
+    if config.embedding_min_similarity is not None or config.perceptual_min_similarity is not None:
         # only the representatives' rows are read (the arrays are memory-mapped .npy files)
         shard_of = np.searchsorted(bounds, representatives, side="right") - 1
         rows = np.concatenate(
@@ -175,6 +172,17 @@ def dedup_shards(
                 for index, shard in enumerate(shards)
             ]
         )
+    perceptual = _empty_pairs()
+    if config.perceptual_max_distance is not None:
+        hashes, valid = phash_matrix(whole.column("phash"))
+        hashed = representatives[valid[representatives]]
+        nodes_hashed = node[hashed]
+        i, j, distance = hash_neighbours(hashes[hashed], config.perceptual_max_distance)
+        perceptual = (nodes_hashed[i], nodes_hashed[j], distance)
+        if config.perceptual_min_similarity is not None:
+            perceptual = _confirmed(perceptual, rows, config.perceptual_min_similarity)
+    embedding = _empty_pairs()
+    if config.embedding_min_similarity is not None:
         embedding = embedding_neighbours(
             rows,
             config.embedding_min_similarity,
@@ -231,6 +239,14 @@ def dedup_shards(
     return outcomes
 
 
+def _confirmed(pairs: Pairs, rows: np.ndarray, min_similarity: float) -> Pairs:
+    """The pairs whose nodes' embeddings (rows, L2-normalised) have a cosine >= min_similarity."""
+    i, j, distance = pairs
+    cosine = np.einsum("ij,ij->i", rows[i].astype(np.float32), rows[j].astype(np.float32))
+    confirmed = cosine >= min_similarity
+    return i[confirmed], j[confirmed], distance[confirmed]
+
+
 def _exact_detail(row: int, kept: int, urls: list[str], shas: list[str | None], kept_id: str) -> str:
     same = [
         name
@@ -281,7 +297,7 @@ DEDUP = GlobalStage(
     name="dedup",
     reasons=REASONS,
     sections=("dedup",),
-    code_version="1",
+    code_version="2",
     report=Report("duplicates removed", "dropped"),
     inputs=_release_inputs,
     adds=(DEDUP_SCHEMA.field("group_id"),),

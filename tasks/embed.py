@@ -1,7 +1,7 @@
 """embed: CLIP image and caption embeddings plus a perceptual hash for every validated image.
 
 Every row is kept; its metadata (VALIDATE_SCHEMA minus the image bytes, which stay in validate/data) goes on
-with `phash`, the rotation/flip-aware DCT hash of the original bytes (models/perceptual_hash.py, 8 bytes), and
+with `phash`, the rotation/flip-aware DCT hash of the original bytes (models/perceptual_hash.py, 32 bytes), and
 two float16 L2-normalised arrays stored beside the shard: "image" (n, d) and "text" (n, d) of the captions
 (a null caption is embedded as the empty string, so every row has a text embedding).
 
@@ -168,7 +168,7 @@ def embed_stage(name: str, upstream: str, report: Report, images_from: str | Non
         upstream=upstream,
         reasons=REASONS,
         sections=("clip",),
-        code_version="1",
+        code_version="2",
         report=report,
         drops=("image",),
         adds=(EMBED_SCHEMA.field("phash"),),

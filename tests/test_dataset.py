@@ -70,7 +70,7 @@ def _fake_workdir(root: Path, per_shard: int = 40, seed: int = 0) -> tuple[Layou
         kept = [
             {
                 **{k: v for k, v in row.items() if k != "image"},
-                "phash": bytes(rng.integers(0, 256, size=8, dtype=np.uint8)),
+                "phash": bytes(rng.integers(0, 256, size=32, dtype=np.uint8)),
                 "clip_score": float(rng.random()),
                 "rs_score": float(rng.random()),
                 "group_id": row["sample_id"] if i % 5 == 0 else None,

@@ -28,7 +28,7 @@ RNG = np.random.default_rng(7)
 
 @pytest.fixture(scope="module")
 def originals(shared_data: Path) -> list[bytes]:
-    """Ten RSSCN7 JPEGs from different classes (distinct images are >= 13 bits apart)."""
+    """Ten RSSCN7 JPEGs from different classes (distinct images are >= 84 bits apart)."""
     folders = sorted((shared_data / "rsscn7" / "images").iterdir())
     paths = [sorted(folder.glob("*.jpg"))[index] for index in range(2) for folder in folders][:10]
     return [path.read_bytes() for path in paths]
@@ -64,7 +64,7 @@ def filter_table(samples: list[dict]) -> pa.Table:
                 "width": 400,
                 "height": 400,
                 "image_format": "JPEG",
-                "phash": dct_hash(sample["image"]).tobytes(),
+                "phash": sample.get("phash") or dct_hash(sample["image"]).tobytes(),
                 "clip_score": sample["clip"],
                 "rs_score": 0.9,
             }
@@ -130,7 +130,7 @@ def test_keeper_reasons_groups_and_arrays(originals: list[bytes]) -> None:
             assert row["detail"] == detail
     assert set(REASONS) >= {r["reason"] for r in rows.values() if r["reason"]}
     hamming = dict(rows["b-rot"]["scores"])["hamming"]
-    assert rows["b-rot"]["detail"] == f"hamming {int(hamming)} to b" and hamming <= 5
+    assert rows["b-rot"]["detail"] == f"hamming {int(hamming)} to b" and hamming <= 16
     cosine = dict(rows["c-like"]["scores"])["cosine"]
     assert rows["c-like"]["detail"] == f"cosine {cosine:.3f} to c" and abs(cosine - 0.98) < 2e-3
 
@@ -150,8 +150,9 @@ def test_keeper_reasons_groups_and_arrays(originals: list[bytes]) -> None:
         np.testing.assert_array_equal(outcome.arrays[name], expected_rows)
 
 
-def test_members_link_directly_to_keeper_no_chaining() -> None:
-    # x ~ y and y ~ z at cosine 0.97, but x and z only 0.88 apart: y joins x, z stays (no x-y-z chain).
+def test_a_chain_is_kept_by_its_middle_and_each_drop_links_to_it() -> None:
+    # x ~ y and y ~ z at cosine 0.97, but x and z only 0.88 apart: y keeps both, whatever the clip_scores,
+    # so one file is released and each drop is directly within 0.95 of it (no x-y-z chain).
     x = unit(RNG.standard_normal(DIM))
     z = near(x, 0.88, RNG)
     y = unit(x + z)  # halfway: cos(x, y) = cos(y, z) = sqrt((1 + 0.88) / 2) = 0.969
@@ -174,19 +175,118 @@ def test_members_link_directly_to_keeper_no_chaining() -> None:
     )
     config = DedupConfig(exact=False, perceptual_max_distance=None, embedding_min_similarity=0.95)
     rows = by_id(dedup_shards({"s": table}, {"s": embeddings(samples)}, config))
-    assert (rows["y"]["reason"], rows["y"]["kept_sample_id"]) == ("duplicate_embedding", "x")
-    assert (rows["z"]["fate"], rows["z"]["group_id"]) == ("kept", None)
-
-    # with y the best-scored, it is the keeper and both x and z are directly within 0.95 of it
-    table = table.set_column(
-        table.schema.get_field_index("clip_score"), "clip_score", pa.array([0.9, 0.95, 0.1], pa.float32())
-    )
-    rows = by_id(dedup_shards({"s": table}, {"s": embeddings(samples)}, config))
-    assert {k: (r["fate"], r["kept_sample_id"]) for k, r in rows.items()} == {
-        "x": ("dropped", "y"),
-        "y": ("kept", None),
-        "z": ("dropped", "y"),
+    assert {k: (r["fate"], r["kept_sample_id"], r["group_id"]) for k, r in rows.items()} == {
+        "x": ("dropped", "y", "y"),
+        "y": ("kept", None, "y"),
+        "z": ("dropped", "y", "y"),
     }
+    assert all(dict(rows[k]["scores"])["cosine"] >= 0.95 for k in ("x", "z"))
+
+
+def crop_at_edge(data: bytes, fraction_per_side: float) -> bytes:
+    with Image.open(io.BytesIO(data)) as image:
+        w, h = image.size
+        dx, dy = round(fraction_per_side * w), round(fraction_per_side * h)
+        out = io.BytesIO()
+        image.crop((dx, dy, w - dx, h - dy)).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def flipped(data: bytes, method: Image.Transpose) -> bytes:
+    with Image.open(io.BytesIO(data)) as image:
+        out = io.BytesIO()
+        image.transpose(method).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def test_an_edge_crop_beside_flips_releases_one_file(originals: list[bytes]) -> None:
+    """The reported failure: a crop near the threshold scored highest; with the highest-score keeper a flip one
+    bit from the original was left out of the group and released beside the crop."""
+    from models.perceptual_hash import dct_hashes, hash_neighbours
+
+    config = DedupConfig(embedding_min_similarity=None)
+    for original in originals:
+        copies = {
+            "original": original,
+            "flip": flipped(original, Image.Transpose.FLIP_LEFT_RIGHT),
+            "flop": flipped(original, Image.Transpose.FLIP_TOP_BOTTOM),
+        }
+        # the largest crop still within the threshold of the original, and beyond it from a flip
+        for percent in range(60, 0, -1):
+            crop = crop_at_edge(original, percent / 1000)
+            i, _, distance = hash_neighbours(dct_hashes([original, crop]), 255)
+            if distance[0] <= config.perceptual_max_distance:
+                break
+        copies["crop"] = crop
+        samples = [
+            {"id": name, "image": image, "clip": 0.9 if name == "crop" else 0.1 * k}
+            for k, (name, image) in enumerate(copies.items())
+        ]
+        rows = by_id(dedup_shards({"s": filter_table(samples)}, {}, config))
+        released = [name for name, row in rows.items() if row["fate"] == "kept"]
+        assert len(released) == 1, rows
+        hashes = dct_hashes(copies.values())
+        linked = {(int(a), int(b)) for a, b, _ in zip(*hash_neighbours(hashes, 64), strict=True)}
+        names = list(copies)
+        for name, row in rows.items():
+            if row["fate"] == "dropped":  # directly within the threshold of what was released
+                pair = tuple(sorted((names.index(name), names.index(row["kept_sample_id"]))))
+                assert pair in linked, (name, row)
+
+
+def test_a_crop_at_the_threshold_and_a_flip_one_bit_beyond_it_release_one_file(
+    originals: list[bytes],
+) -> None:
+    """The reported case at the bit level: the crop is exactly at the threshold from the original, a flip of the
+    original one bit from it, so 1 bit beyond the threshold from the crop; the crop has the best score."""
+    threshold = DedupConfig().perceptual_max_distance
+    bits = np.unpackbits(dct_hash(originals[0]))
+    rng = np.random.default_rng(3)
+    changed = rng.choice(np.arange(1, bits.size), threshold + 1, replace=False)  # bit 0 (DC) carries nothing
+    crop, flip = bits.copy(), bits.copy()
+    crop[changed[:threshold]] ^= 1
+    flip[changed[threshold]] ^= 1
+    hashes = {"original": bits, "crop": crop, "flip": flip}
+    samples = [
+        # distinct bytes (sha256) per row; the hashes are the ones above
+        {"id": name, "image": originals[k], "clip": score, "phash": np.packbits(hashes[name]).tobytes()}
+        for k, (name, score) in enumerate((("original", 0.2), ("crop", 0.9), ("flip", 0.1)))
+    ]
+    rows = by_id(dedup_shards({"s": filter_table(samples)}, {}, DedupConfig(embedding_min_similarity=None)))
+    assert {k: (r["fate"], r["kept_sample_id"]) for k, r in rows.items()} == {
+        "original": ("kept", None),
+        "crop": ("dropped", "original"),
+        "flip": ("dropped", "original"),
+    }
+    assert dict(rows["crop"]["scores"])["hamming"] == threshold
+
+
+def test_perceptual_matches_can_be_confirmed_by_the_embeddings(originals: list[bytes]) -> None:
+    a, b = originals[:2]
+    anchor, elsewhere = unit(RNG.standard_normal(DIM)), unit(RNG.standard_normal(DIM))
+    samples = [
+        {"id": "a", "image": a, "clip": 0.9, "emb": anchor},
+        {"id": "a-rot", "image": rotated(a), "clip": 0.5, "emb": near(anchor, 0.99, RNG)},
+        {"id": "b", "image": b, "clip": 0.8, "emb": anchor},
+        {
+            "id": "b-rot",
+            "image": rotated(b),
+            "clip": 0.4,
+            "emb": elsewhere,
+        },  # the hash says copy, CLIP does not
+    ]
+    config = DedupConfig(embedding_min_similarity=None, perceptual_min_similarity=0.9)
+    rows = by_id(dedup_shards({"s": filter_table(samples)}, {"s": embeddings(samples)}, config))
+    assert (rows["a-rot"]["reason"], rows["a-rot"]["kept_sample_id"]) == ("duplicate_perceptual", "a")
+    assert rows["b-rot"]["fate"] == "kept"
+    unverified = by_id(
+        dedup_shards(
+            {"s": filter_table(samples)},
+            {"s": embeddings(samples)},
+            DedupConfig(embedding_min_similarity=None),
+        )
+    )
+    assert unverified["b-rot"]["reason"] == "duplicate_perceptual"
 
 
 def test_group_across_shards_one_decision_per_row(originals: list[bytes]) -> None:
@@ -260,10 +360,10 @@ def test_exact_components_are_transitive_and_skip_missing_keys() -> None:
 
 
 def test_phash_matrix_handles_nulls_and_slices() -> None:
-    column = pa.array([b"\x01" * 8, None, b"\x02" * 8], pa.binary(8)).slice(1)
+    column = pa.array([b"\x01" * 32, None, b"\x02" * 32], pa.binary(32)).slice(1)
     hashes, valid = phash_matrix(column)
     assert valid.tolist() == [False, True]
-    assert hashes.tolist() == [[0] * 8, [2] * 8]
+    assert hashes.tolist() == [[0] * 32, [2] * 32]
 
 
 def test_global_stage_commits_every_shard_and_skips_when_current(

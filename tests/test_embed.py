@@ -83,7 +83,7 @@ def test_every_row_kept_with_aligned_float16_arrays_and_phash(encoder, rsscn7_im
     for name in ("image", "text"):
         assert outcome.arrays[name].shape == (n, TINY_DIM)
         assert outcome.arrays[name].dtype == np.float16
-    phash = np.frombuffer(b"".join(outcome.kept.column("phash").to_pylist()), np.uint8).reshape(n, 8)
+    phash = np.frombuffer(b"".join(outcome.kept.column("phash").to_pylist()), np.uint8).reshape(n, 32)
     np.testing.assert_array_equal(phash, dct_hashes(rsscn7_images))
     # row i of each array belongs to kept row i: compare with one-at-a-time encodings
     for row in (0, 3, n - 1):
@@ -141,7 +141,7 @@ def test_rows_the_encoder_rejects_are_dropped_with_phash_and_arrays_aligned(enco
     assert outcome.counts() == {"kept": 3, "dropped:unembeddable": 1}
     assert outcome.kept.column("sample_id").to_pylist() == ["s000", "s001", "s003"]
     kept_images = [images[0], images[1], images[3]]
-    phash = np.frombuffer(b"".join(outcome.kept.column("phash").to_pylist()), np.uint8).reshape(3, 8)
+    phash = np.frombuffer(b"".join(outcome.kept.column("phash").to_pylist()), np.uint8).reshape(3, 32)
     np.testing.assert_array_equal(phash, dct_hashes(kept_images))
     np.testing.assert_array_equal(outcome.arrays["image"], encoder.encode_images(kept_images))
     np.testing.assert_array_equal(outcome.arrays["text"], encoder.encode_texts(["a", "b", "d"]))

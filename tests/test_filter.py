@@ -86,7 +86,7 @@ def embed_table(n: int) -> pa.Table:
             "width": [64] * n,
             "height": [64] * n,
             "image_format": ["JPEG"] * n,
-            "phash": [bytes([i] * 8) for i in range(n)],
+            "phash": [bytes([i] * 32) for i in range(n)],
         },
         schema=EMBED_SCHEMA,
     )

@@ -110,24 +110,47 @@ def chain(dim: int = 8) -> np.ndarray:
     return points
 
 
-def test_no_chaining_through_a_shared_neighbour() -> None:
+def test_a_chain_is_kept_by_its_middle_whatever_the_priorities() -> None:
     a, b, c = 0, 1, 2
     pairs = embedding_neighbours(chain(), THRESHOLD, backend="flat")
     assert pair_set(*pairs[:2]) == {(a, b), (b, c)}
-    group_id, keeper = group_by_keeper(3, pairs, np.array([3.0, 2.0, 1.0]))
-    np.testing.assert_array_equal(keeper, [a, a, c])
-    assert group_id[a] == group_id[b] != group_id[c]
-    # With b kept, both a and c are directly within the threshold of it.
-    _, keeper = group_by_keeper(3, pairs, np.array([2.0, 3.0, 1.0]))
-    np.testing.assert_array_equal(keeper, [b, b, b])
+    for priority in ([3.0, 2.0, 1.0], [1.0, 2.0, 3.0], [2.0, 3.0, 1.0]):
+        group_id, keeper = group_by_keeper(3, pairs, np.array(priority))
+        # b is within the threshold of both: one file released, each drop directly linked to it
+        np.testing.assert_array_equal(keeper, [b, b, b])
+        assert group_id.tolist() == [0, 0, 0]
+
+
+def test_an_edge_crop_with_the_best_score_loses_to_the_original_beside_its_flips() -> None:
+    crop, original, flip, flop = 0, 1, 2, 3
+    # the crop is within the threshold of the original only; the flips of the original, of it and each other
+    rows, cols = np.array([crop, original, original, flip]), np.array([original, flip, flop, flop])
+    _, keeper = group_by_keeper(4, (rows, cols), np.array([0.9, 0.2, 0.3, 0.1]))
+    np.testing.assert_array_equal(keeper, [original] * 4)
+
+
+def test_keepers_are_never_linked_and_every_drop_is_linked_to_its_keeper() -> None:
+    rng = np.random.default_rng(5)
+    for trial in range(40):
+        n = int(rng.integers(2, 60))
+        m = int(rng.integers(0, 3 * n))
+        rows, cols = rng.integers(0, n, m), rng.integers(0, n, m)
+        priority = rng.random(n)
+        priority[rng.random(n) < 0.1] = np.nan
+        _, keeper = group_by_keeper(n, (rows, cols), priority)
+        links = pair_set(rows, cols) | pair_set(cols, rows)
+        kept = set(np.flatnonzero(keeper == np.arange(n)).tolist())
+        assert not {(i, j) for i, j in links if i in kept and j in kept and i != j}, trial
+        assert all((i, int(keeper[i])) in links for i in range(n) if keeper[i] != i), trial
+        assert np.all(keeper[keeper] == keeper)
 
 
 def test_keeper_ties_nan_and_redundant_pairs() -> None:
-    rows, cols = np.array([0, 1, 2, 2, 3]), np.array([1, 0, 2, 3, 4])
-    # Equal priorities: the lower index keeps; NaN ranks below every number.
+    rows, cols = np.array([0, 1, 2, 3, 4]), np.array([1, 0, 2, 4, 3])
+    # Equal cover and priority: the lower index keeps; NaN ranks below every number; a self-pair is no link.
     group_id, keeper = group_by_keeper(6, (rows, cols), np.array([1.0, 1.0, 0.5, np.nan, 0.2, 9.0]))
-    np.testing.assert_array_equal(keeper, [0, 0, 2, 2, 4, 5])
-    np.testing.assert_array_equal(group_id, [0, 0, 1, 1, 2, 3])
+    np.testing.assert_array_equal(keeper, [0, 0, 2, 4, 4, 5])
+    np.testing.assert_array_equal(group_id, [0, 0, 1, 2, 2, 3])
 
 
 def test_no_pairs_gives_singletons() -> None:

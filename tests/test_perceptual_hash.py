@@ -1,4 +1,5 @@
-"""Perceptual hash: rotation/flip/re-encode/resize/crop copies of real RSSCN7 tiles are found; originals never merge."""
+"""Perceptual hash: rotation/flip/re-encode/resize/crop copies of real RS tiles (RSSCN7, UC Merced) are found;
+distinct originals never merge."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ import pytest
 from PIL import Image
 
 from models import perceptual_hash
-from models.perceptual_hash import DEFAULT_MAX_DISTANCE, dct_hashes, dihedral_variants, hash_neighbours
+from models.perceptual_hash import (
+    DEFAULT_MAX_DISTANCE,
+    HASH_BITS,
+    HASH_BYTES,
+    dct_hashes,
+    dihedral_variants,
+    hash_neighbours,
+)
 from tests.helpers import missing_data
 
 T = Image.Transpose
@@ -50,10 +58,12 @@ COPIES = {
 
 @pytest.fixture(scope="module")
 def rsscn7_images(shared_data: Path) -> list[bytes]:
-    folder = shared_data / "rsscn7" / "images"
-    paths = sorted(folder.glob("*/*.jpg"))
+    rsscn7, ucm = shared_data / "rsscn7" / "images", shared_data / "ucm_captions" / "images"
+    paths = sorted(rsscn7.glob("*/*.jpg")) + sorted(ucm.rglob("*.tif"))
     if not paths:
-        missing_data(f"no RSSCN7 images under {folder}: this test needs the real public data")
+        missing_data(
+            f"no RSSCN7 or UC Merced images under {shared_data}: this test needs the real public data"
+        )
     return [path.read_bytes() for path in paths]
 
 
@@ -71,7 +81,7 @@ def test_copies_are_found_and_originals_never_merge(
     i, j, dist = hash_neighbours(original_hashes)
     assert len(i) == 0, f"distinct originals merged: {list(zip(i, j, dist, strict=True))}"
     # Closest distinct originals, to report the margin: search far wider than the threshold.
-    _, _, wide = hash_neighbours(original_hashes, 32)
+    _, _, wide = hash_neighbours(original_hashes, HASH_BITS - 1)
     closest_originals = int(wide.min())
 
     rows = []
@@ -81,7 +91,7 @@ def test_copies_are_found_and_originals_never_merge(
         found = np.zeros(n, dtype=bool)
         found[query[query == base]] = True
         # Distance of every copy to its own original, for the table's worst case.
-        q, b, d = hash_neighbours(original_hashes, 63, queries=copy_hashes)
+        q, b, d = hash_neighbours(original_hashes, HASH_BITS - 1, queries=copy_hashes)
         own = d[q == b]
         assert len(own) == n
         rows.append((name, found.mean(), required, int(np.median(own)), int(own.max())))
@@ -89,7 +99,7 @@ def test_copies_are_found_and_originals_never_merge(
         assert np.all(query == base), f"{name}: copies matched other originals at {pair_dist[query != base]}"
 
     with capsys.disabled():
-        print(f"\nperceptual hash on {n} RSSCN7 images, max_distance={DEFAULT_MAX_DISTANCE}")
+        print(f"\nperceptual hash on {n} RSSCN7 and UC Merced images, max_distance={DEFAULT_MAX_DISTANCE}")
         print("| copy | found | required | median bits | max bits |\n|---|---|---|---|---|")
         for name, rate, required, median, worst in rows:
             print(f"| {name} | {rate:.1%} | {required:.0%} | {median} | {worst} |")
@@ -116,13 +126,13 @@ def test_hash_variants_match_hashes_of_transformed_thumbnails(rsscn7_images: lis
 
 def test_planted_near_copies_are_found_among_random_hashes() -> None:
     rng = np.random.default_rng(7)
-    hashes = rng.integers(0, 256, (3000, 8), dtype=np.uint8)
+    hashes = rng.integers(0, 256, (3000, HASH_BYTES), dtype=np.uint8)
     # Plant near-copies: a rotated/flipped variant with up to max_distance flipped bits.
     sources = rng.choice(3000, 200, replace=False)
     planted = dihedral_variants(hashes[sources])[np.arange(200), rng.integers(0, 8, 200)]
     bits = np.unpackbits(planted, axis=1)
     for row in bits:
-        row[rng.choice(64, rng.integers(0, DEFAULT_MAX_DISTANCE + 1), replace=False)] ^= 1
+        row[rng.choice(HASH_BITS, rng.integers(0, DEFAULT_MAX_DISTANCE + 1), replace=False)] ^= 1
     hashes = np.concatenate([hashes, np.packbits(bits, axis=1)])
 
     i, j, dist = hash_neighbours(hashes, DEFAULT_MAX_DISTANCE)
@@ -135,15 +145,16 @@ def test_planted_near_copies_are_found_among_random_hashes() -> None:
 def test_undecodable_bytes_raise_naming_the_index(rsscn7_images: list[bytes]) -> None:
     with pytest.raises(ValueError, match="image 1 cannot be decoded"):
         dct_hashes([rsscn7_images[0], b"<html>not an image</html>"])
-    assert dct_hashes([]).shape == (0, 8)
+    assert dct_hashes([]).shape == (0, HASH_BYTES)
 
 
 def _plant_copies(hashes: np.ndarray, sources: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A random rotation/flip of each source hash with 0..5 bits flipped, like a re-encoded copy."""
+    """A random rotation/flip of each source hash with 0..24 bits flipped, like a re-encoded copy (real ones: a
+    median of 1 bit, at most 26 for JPEG q50, test_copies_are_found_and_originals_never_merge)."""
     planted = dihedral_variants(hashes[sources])[np.arange(len(sources)), rng.integers(0, 8, len(sources))]
     bits = np.unpackbits(planted, axis=1)
     for row in bits:
-        row[rng.choice(64, rng.integers(0, 6), replace=False)] ^= 1
+        row[rng.choice(HASH_BITS, rng.integers(0, 25), replace=False)] ^= 1
     return np.packbits(bits, axis=1)
 
 
@@ -152,7 +163,7 @@ def planted_30k() -> tuple[np.ndarray, set[tuple[int, int]]]:
     """30k random hashes whose last 1% are near-copies of earlier rows, and those (source, copy) pairs."""
     rng = np.random.default_rng(11)
     n, n_planted = 30_000, 300
-    hashes = rng.integers(0, 256, (n, 8), dtype=np.uint8)
+    hashes = rng.integers(0, 256, (n, HASH_BYTES), dtype=np.uint8)
     sources = rng.choice(n - n_planted, n_planted, replace=False)
     hashes[n - n_planted :] = _plant_copies(hashes, sources, rng)
     return hashes, set(zip(sources.tolist(), range(n - n_planted, n), strict=True))
@@ -191,7 +202,7 @@ def test_ivf_backend_in_queries_mode(planted_30k: tuple[np.ndarray, set[tuple[in
     rng = np.random.default_rng(12)
     sources = rng.choice(len(hashes), 400, replace=False)
     queries = np.concatenate(
-        [_plant_copies(hashes, sources, rng), rng.integers(0, 256, (400, 8), dtype=np.uint8)]
+        [_plant_copies(hashes, sources, rng), rng.integers(0, 256, (400, HASH_BYTES), dtype=np.uint8)]
     )
 
     exact = hash_neighbours(hashes, queries=queries, backend="flat")
@@ -207,7 +218,7 @@ def test_ivf_backend_in_queries_mode(planted_30k: tuple[np.ndarray, set[tuple[in
 def test_tiny_inputs_give_the_exact_answer_with_the_ivf_backend() -> None:
     # Below 80 rows the inverted file has one list, which every query scans: nothing can be missed.
     rng = np.random.default_rng(13)
-    hashes = rng.integers(0, 256, (60, 8), dtype=np.uint8)
+    hashes = rng.integers(0, 256, (60, HASH_BYTES), dtype=np.uint8)
     hashes[30:] = _plant_copies(hashes, np.arange(30), rng)
     exact = hash_neighbours(hashes, backend="flat")
     assert len(exact[0]) >= 30
@@ -222,7 +233,7 @@ def test_auto_backend_switches_to_ivf_above_flat_max_rows(monkeypatch: pytest.Mo
     monkeypatch.setattr(
         perceptual_hash, "_ivf_index", lambda base: built.append(len(base)) or build_ivf(base)
     )
-    hashes = np.random.default_rng(14).integers(0, 256, (1001, 8), dtype=np.uint8)
+    hashes = np.random.default_rng(14).integers(0, 256, (1001, HASH_BYTES), dtype=np.uint8)
 
     hash_neighbours(hashes[:1000])
     assert built == []

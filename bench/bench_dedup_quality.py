@@ -1,0 +1,229 @@
+"""Perceptual dedup quality on real RS images: the 256-bit hash against the 64-bit one it replaced (issue 11).
+
+Originals: every RSSCN7 JPEG, UC Merced TIFF and BigEarthNet patch (v1 and v2, RGB as the rs3 stage makes it)
+under ../shared/data. For each transform (rotations, flips, transpose, JPEG q50/q75, 0.5x/0.75x resizing, a 2.5%
+centre crop, the crop rotated) it hashes the copies and reports recall: the share of copies within the threshold
+of their own original (the rotation/flip-invariant distance, min over the 8 dihedral variants). Then false
+merges: pairs of distinct originals within the threshold, and the closest distinct pair. Last, chance pairs:
+--queries random hashes against --base random hashes (1M by default), found within the threshold with faiss,
+per pair compared, beside the binomial expectation. The baseline (64-bit: 8x8 block of a 32x32 thumbnail, 11
+bits) is computed here in the same process, with the same sign-bit construction.
+
+    .venv/bin/python bench/bench_dedup_quality.py                  # ~2 min on 2 cores
+    .venv/bin/python bench/bench_dedup_quality.py --base 200000    # quicker chance-pair estimate
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import faiss
+import numpy as np
+import tifffile
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from models import perceptual_hash  # noqa: E402
+from tasks.rs3.bigearthnet import rgb_composite  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data"
+T = Image.Transpose
+
+
+def _jpeg(image: Image.Image, quality: int = 95) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+def _crop(image: Image.Image, fraction_per_side: float) -> Image.Image:
+    w, h = image.size
+    dx, dy = round(w * fraction_per_side), round(h * fraction_per_side)
+    return image.crop((dx, dy, w - dx, h - dy))
+
+
+def _scaled(image: Image.Image, scale: float) -> Image.Image:
+    return image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
+
+
+TRANSFORMS: dict[str, Callable[[Image.Image], bytes]] = {
+    "rotate_90": lambda im: _jpeg(im.transpose(T.ROTATE_90)),
+    "rotate_180": lambda im: _jpeg(im.transpose(T.ROTATE_180)),
+    "rotate_270": lambda im: _jpeg(im.transpose(T.ROTATE_270)),
+    "flip_horizontal": lambda im: _jpeg(im.transpose(T.FLIP_LEFT_RIGHT)),
+    "flip_vertical": lambda im: _jpeg(im.transpose(T.FLIP_TOP_BOTTOM)),
+    "transpose": lambda im: _jpeg(im.transpose(T.TRANSPOSE)),
+    "jpeg_q50": lambda im: _jpeg(im, 50),
+    "jpeg_q75": lambda im: _jpeg(im, 75),
+    "resize_0.5x": lambda im: _jpeg(_scaled(im, 0.5)),
+    "resize_0.75x": lambda im: _jpeg(_scaled(im, 0.75)),
+    "centre_crop_2.5%": lambda im: _jpeg(_crop(im, 0.025)),
+    "crop_2.5%_rotated": lambda im: _jpeg(_crop(im, 0.025).transpose(T.ROTATE_270)),
+}
+
+
+class DctHash:
+    """A sign-bit DCT hash over a side x side thumbnail, block x block low frequencies."""
+
+    def __init__(self, name: str, side: int, block: int, max_distance: int) -> None:
+        self.name, self.side, self.block, self.max_distance = name, side, block, max_distance
+        self.bits = block * block
+        k = np.arange(side)
+        self.rows = np.sqrt(2.0 / side) * np.cos(
+            np.pi * (2 * k[None, :] + 1) * np.arange(block)[:, None] / (2 * side)
+        )
+        self.rows[0] /= np.sqrt(2.0)
+        parity = np.arange(block) % 2 == 1
+        self.row_odd, self.col_odd = parity[:, None], parity[None, :]
+
+    def hashes(self, images: list[bytes]) -> np.ndarray:
+        thumbnails = []
+        for data in images:
+            with Image.open(io.BytesIO(data)) as im:
+                im.draft("L", (128, 128))
+                gray = im.convert("L").resize((self.side, self.side), Image.Resampling.LANCZOS)
+            thumbnails.append(np.asarray(gray, np.float64))
+        blocks = self.rows @ np.stack(thumbnails) @ self.rows.T
+        bits = blocks.reshape(len(blocks), -1) > 1e-6
+        bits[:, 0] = False
+        return np.packbits(bits, axis=1)
+
+    def variants(self, hashes: np.ndarray) -> np.ndarray:
+        grids = np.unpackbits(hashes, axis=1).reshape(-1, self.block, self.block).astype(bool)
+        out = []
+        for oriented in (grids, grids.transpose(0, 2, 1)):
+            for row_flip in (False, True):
+                for col_flip in (False, True):
+                    flipped = oriented ^ (row_flip & self.row_odd) ^ (col_flip & self.col_odd)
+                    out.append(np.packbits(flipped.reshape(len(grids), -1), axis=1))
+        return np.stack(out, axis=1)
+
+    def distances(self, queries: np.ndarray, base: np.ndarray) -> np.ndarray:
+        """(len(queries), len(base)) rotation/flip-invariant Hamming distances."""
+        variants = np.unpackbits(self.variants(queries), axis=2).astype(np.int32) * 2 - 1
+        stored = np.unpackbits(base, axis=1).astype(np.int32) * 2 - 1
+        agreements = np.einsum("qvb,nb->qvn", variants, stored)
+        return ((self.bits - agreements) // 2).min(axis=1)
+
+    def chance_pairs(self, n_base: int, n_queries: int, seed: int) -> tuple[int, float]:
+        """(pairs found among n_queries x n_base random hashes, their binomial expectation)."""
+        rng = np.random.default_rng(seed)
+        nbytes = self.bits // 8
+        base = rng.integers(0, 256, (n_base, nbytes), dtype=np.uint8)
+        queries = rng.integers(0, 256, (n_queries, nbytes), dtype=np.uint8)
+        base[:, 0] &= 0x7F
+        queries[:, 0] &= 0x7F  # bit 0 (DC sign) is always 0 in a real hash
+        index = faiss.IndexBinaryFlat(self.bits)
+        index.add(base)
+        limits, _, ids = index.range_search(self.variants(queries).reshape(-1, nbytes), self.max_distance + 1)
+        query_of = np.repeat(np.arange(n_queries * 8) // 8, np.diff(limits.astype(np.int64)))
+        found = np.unique(query_of * n_base + ids.astype(np.int64)).size
+        informative = self.bits - 1
+        within = sum(math.comb(informative, k) for k in range(self.max_distance + 1)) / 2**informative
+        return found, 8 * within * n_base * n_queries
+
+
+def originals() -> dict[str, list[Image.Image]]:
+    sets: dict[str, list[Image.Image]] = {
+        "RSSCN7": [
+            Image.open(p).convert("RGB") for p in sorted((DATA / "rsscn7" / "images").glob("*/*.jpg"))
+        ],
+        "UC Merced": [
+            Image.open(p).convert("RGB") for p in sorted((DATA / "ucm_captions" / "images").rglob("*.tif"))
+        ],
+    }
+    patches = sorted((DATA / "rs3_formats" / "bigearthnet").glob("v1/*/*/")) + sorted(
+        (DATA / "rs3_formats" / "bigearthnet").glob("v2/BigEarthNet-S2/*/*/")
+    )
+    bigearthnet = []
+    for folder in patches:
+        bands = [sorted(folder.glob(f"*_{band}*.tif")) for band in ("B04", "B03", "B02")]
+        if all(bands):
+            rgb = rgb_composite(*(tifffile.imread(paths[0]) for paths in bands))
+            bigearthnet.append(Image.open(io.BytesIO(rgb)).convert("RGB"))
+    sets["BigEarthNet RGB"] = bigearthnet
+    if not any(sets.values()):
+        sys.exit(f"bench_dedup_quality: no images under {DATA} (needs ../shared/data)")
+    return sets
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--base", type=int, default=1_000_000, help="random hashes stored for chance pairs")
+    parser.add_argument("--queries", type=int, default=2_000, help="random hashes searched against them")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    hashes = [
+        DctHash("64-bit (before)", side=32, block=8, max_distance=11),
+        DctHash(
+            f"{perceptual_hash.HASH_BITS}-bit (now)",
+            side=perceptual_hash._SIDE,
+            block=perceptual_hash._BLOCK,
+            max_distance=perceptual_hash.DEFAULT_MAX_DISTANCE,
+        ),
+    ]
+    sets = originals()
+    images = [im for group in sets.values() for im in group]
+    print(
+        "originals: "
+        + ", ".join(f"{name} {len(group)}" for name, group in sets.items())
+        + f" = {len(images)}"
+    )
+    encoded = [_jpeg(im) for im in images]
+    copies = {name: [make(im) for im in images] for name, make in TRANSFORMS.items()}
+    # the module's own hash must be what this bench measures
+    assert np.array_equal(hashes[1].hashes(encoded[:20]), perceptual_hash.dct_hashes(encoded[:20]))
+
+    print("\n| copy | " + " | ".join(f"{h.name} found (<= {h.max_distance})" for h in hashes) + " |")
+    print("|---|" + "---|" * len(hashes))
+    stored = [h.hashes(encoded) for h in hashes]
+    for name, datas in copies.items():
+        cells = []
+        for h, base in zip(hashes, stored, strict=True):
+            copy_hashes = h.hashes(datas)
+            own = np.array(
+                [h.distances(copy_hashes[i : i + 1], base[i : i + 1])[0, 0] for i in range(len(datas))]
+            )
+            cells.append(
+                f"{np.mean(own <= h.max_distance):.1%} (median {np.median(own):.0f}, max {own.max()})"
+            )
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+    print("\n| hash | distinct pairs | within the threshold (false merges) | closest distinct pair |")
+    print("|---|---|---|---|")
+    for h, base in zip(hashes, stored, strict=True):
+        distance = h.distances(base, base).astype(np.int64)
+        upper = distance[np.triu_indices(len(base), 1)]
+        print(
+            f"| {h.name} | {upper.size} | {int((upper <= h.max_distance).sum())} | {upper.min()} of {h.bits - 1} |"
+        )
+
+    print(
+        f"\nchance pairs: {args.queries} random hashes against {args.base} ({args.queries * args.base:.1e} pairs)"
+    )
+    print(
+        "| hash | found | expected (binomial) | found per pair | expected among 1M images |\n|---|---|---|---|---|"
+    )
+    for h in hashes:
+        start = time.perf_counter()
+        found, expected = h.chance_pairs(args.base, args.queries, args.seed)
+        pairs = args.base * args.queries
+        print(
+            f"| {h.name} | {found} | {expected:.3g} | {found / pairs:.2g} | {expected / pairs * 1e12 / 2:.3g} |"
+            f"  ({time.perf_counter() - start:.0f} s)"
+        )
+
+
+if __name__ == "__main__":
+    main()
