@@ -21,7 +21,7 @@ from prefect.states import Failed
 from flows.run_control import ActiveRun, stoppable
 from flows.stages import run_id_or_flow_run, stage_flow_for
 from rs5m.caption_quality import quality_artifact_rows
-from rs5m.config import PipelineConfig
+from rs5m.config import PipelineConfig, as_pipeline_config
 from rs5m.report import FunnelReport, funnel_markdown, funnel_table_rows, load_funnel
 from storage.layout import Layout
 from storage.lock import workdir_lock
@@ -111,15 +111,16 @@ def run_pipelines(
 
 @flow(name="rs5m", log_prints=True)
 def rs5m_flow(
-    config: PipelineConfig,
+    config: PipelineConfig | str,
     pipelines: list[str] | None = None,
     stages: list[str] | None = None,
     wait_for_lock: bool = False,
 ) -> Any:
     """Every pipeline the config has (PUB11 for web `sources:`, RS3 for `rs3:`; `pipelines` restricts the
-    data pipelines), then the release over all of them; or only the listed `stages`. One writer per work
-    directory: a second run fails at once naming the first (or, with wait_for_lock, waits for it)."""
-    return run_pipelines(config, pipelines, stages, wait_for_lock)
+    data pipelines), then the release over all of them; or only the listed `stages`. `config` is the config
+    or a config file's path. One writer per work directory: a second run fails at once naming the first (or,
+    with wait_for_lock, waits for it)."""
+    return run_pipelines(as_pipeline_config(config), pipelines, stages, wait_for_lock)
 
 
 def _pipeline_flow(pipeline: Pipeline) -> Flow:
@@ -127,12 +128,13 @@ def _pipeline_flow(pipeline: Pipeline) -> Flow:
 
     @flow(name=pipeline.name, log_prints=True, description=f"The {pipeline.name} stages: {stage_names}")
     def pipeline_flow(
-        config: PipelineConfig, stages: list[str] | None = None, wait_for_lock: bool = False
+        config: PipelineConfig | str, stages: list[str] | None = None, wait_for_lock: bool = False
     ) -> Any:
         chosen = set(stages) if stages else set(pipeline.stage_names)
         names = [name for name in pipeline.stage_names if name in chosen]
         # the release belongs to every selection: pass the data pipeline's name, then keep only its stages
-        return run_pipelines(config, [pipeline.name] if pipeline is not RELEASE else [], names, wait_for_lock)
+        selected = [pipeline.name] if pipeline is not RELEASE else []
+        return run_pipelines(as_pipeline_config(config), selected, names, wait_for_lock)
 
     return pipeline_flow
 

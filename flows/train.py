@@ -25,7 +25,7 @@ from prefect.artifacts import (
 )
 
 from flows.evaluate import result_rows
-from rs5m.config import EvalConfig, PipelineConfig
+from rs5m.config import EvalConfig, PipelineConfig, as_pipeline_config
 from rs5m.eval_cli import EvalRequest, json_safe, run_evaluation
 from storage.atomic import write_json, write_text
 
@@ -199,16 +199,18 @@ def evaluate_run(config: PipelineConfig, evaluation: EvalConfig, folder: Path) -
 
 
 @flow(name="train", log_prints=True)
-def train_flow(config: PipelineConfig) -> str:
-    """Fine-tunes as the config's `train:` section says (resuming a killed run); returns the run folder."""
-    return train_model(config)
+def train_flow(config: PipelineConfig | str) -> str:
+    """Fine-tunes as the config's `train:` section says (resuming a killed run); returns the run folder.
+    `config` is the config or a config file's path."""
+    return train_model(as_pipeline_config(config))
 
 
 @flow(name="train_and_evaluate", log_prints=True)
-def train_and_evaluate_flow(config: PipelineConfig) -> list[dict[str, Any]]:
+def train_and_evaluate_flow(config: PipelineConfig | str) -> list[dict[str, Any]]:
     """Train, then evaluate the base model and every saved checkpoint on the `eval:` datasets: the scorecard
     (one row per model x dataset x metric, with the change against the base) as the `rs5m-scorecard` table
-    artifact and train/<run>/scorecard.json."""
+    artifact and train/<run>/scorecard.json. `config` is the config or a config file's path."""
+    config = as_pipeline_config(config)
     if config.eval is None:
         raise ValueError("train_and_evaluate needs an `eval:` section (datasets to evaluate on)")
     folder = Path(train_model(config))

@@ -551,3 +551,10 @@ def load_config(path: str | Path) -> PipelineConfig:
     path = Path(path)
     data = read_yaml_mapping(path)
     return parse_config(data, origin=str(path), base_dir=path.parent)
+
+
+def as_pipeline_config(config: PipelineConfig | str) -> PipelineConfig:
+    """A flow's `config` parameter: the config itself (what `rs5m run` passes), or the path of a config file
+    (what the deployments pass), relative to the flow run's working directory (the repository root, which
+    `prefect deploy` records)."""
+    return config if isinstance(config, PipelineConfig) else load_config(config)
