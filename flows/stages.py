@@ -10,11 +10,14 @@ completes without it, the run ends Failed naming it, and a rerun picks it up.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 from uuid import UUID
 
 from prefect import Flow, flow, get_run_logger, task, unmapped
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -62,17 +65,58 @@ def _unit_task(stage: Stage) -> Any:
 UNIT_TASKS = {name: _unit_task(stage) for name, stage in STAGES.items()}
 
 
-def _collect(units: list[str], futures: Any) -> tuple[list[ShardSummary], dict[str, str]]:
-    """Wait for every unit's task; the summaries of those that completed, and unit -> error for the rest."""
-    futures.wait()
+class StageProgress:
+    """The stage run's progress artifact in the Prefect UI (key rs5m-progress-<stage>), moved as units finish:
+    units done of total, how many were reused (current markers) and how many ran, and rows/s of those."""
+
+    def __init__(self, stage: str, total: int) -> None:
+        self.stage, self.total = stage, total
+        self.done = self.reused = self.rows = 0
+        self.started = time.monotonic()
+        self.artifact_id = create_progress_artifact(
+            progress=self._percent(),
+            key=f"rs5m-progress-{stage.replace('_', '-')}",
+            description=self.describe(),
+        )
+
+    def unit_finished(self, summary: ShardSummary | None) -> None:
+        self.done += 1
+        if summary is not None and summary.skipped:
+            self.reused += 1
+        elif summary is not None:
+            self.rows += sum(summary.counts.values())
+        update_progress_artifact(self.artifact_id, progress=self._percent(), description=self.describe())
+
+    def describe(self) -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        ran = self.done - self.reused
+        text = f"{self.stage}: {self.done} of {self.total} units ({self.reused} reused, {ran} run)"
+        if self.rows:
+            text += f", {self.rows / elapsed:,.0f} rows/s"
+        return text
+
+    def _percent(self) -> float:
+        return 100.0 * self.done / self.total if self.total else 100.0
+
+
+def _collect(stage: str, units: list[str], futures: Any) -> tuple[list[ShardSummary], dict[str, str]]:
+    """Wait for every unit's task, moving the stage's progress artifact as each ends; the summaries of those
+    that completed, and unit -> error for the rest."""
+    progress = StageProgress(stage, len(units))
+    unit_of = {id(future): unit for unit, future in zip(units, futures, strict=True)}
     summaries: list[ShardSummary] = []
     failed: dict[str, str] = {}
-    for unit, future in zip(units, futures, strict=True):
+    for future in as_completed(list(futures)):
+        future.wait()
+        summary = None
         if future.state.is_completed():
-            summaries.append(future.result())
+            summary = future.result()
+            summaries.append(summary)
         else:
+            unit = unit_of[id(future)]
             failed[unit] = future.state.message or "failed"
             get_run_logger().error("%s failed: %s", unit, failed[unit])
+        progress.unit_finished(summary)
     return summaries, failed
 
 
@@ -106,7 +150,7 @@ def run_stage(stage: Stage, config: PipelineConfig, run_id: str | None) -> dict[
             config=unmapped(config),
             run_id=unmapped(run_id),
         )
-        summaries, failed = _collect(units, futures)
+        summaries, failed = _collect(stage.name, units, futures)
         failed_sources = failed if isinstance(stage, SourceStage) else {}
         if failed and not failed_sources:
             error = StageFailed(

@@ -191,6 +191,20 @@ def test_prefect_api_shows_the_run_its_tasks_and_artifacts(demo_run: Path, prefe
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[parent_id]))
         )
+        progress = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[r.id for r in children]))
+        )
+    # each stage's flow run moved a progress artifact to 100%, saying how many units ran
+    progress_of = {a.key: a for a in progress if a.type == "progress"}
+    assert set(progress_of) == {f"rs5m-progress-{name.replace('_', '-')}" for name in STAGES}
+    for name in STAGES:
+        artifact = progress_of[f"rs5m-progress-{name.replace('_', '-')}"]
+        assert float(artifact.data) == 100.0, (name, artifact.data)
+        assert artifact.description.startswith(f"{name}: "), artifact.description
+    shards = len(manifest["shards"])
+    assert progress_of["rs5m-progress-keyword"].description.startswith(
+        f"keyword: {shards} of {shards} units (0 reused, {shards} run), "
+    )
     by_key = {a.key: a for a in artifacts}
     assert {"rs5m-funnel", "rs5m-summary", "rs5m-eval-overlap", "rs5m-caption-quality"} <= set(by_key)
     quality = by_key["rs5m-caption-quality"].data
