@@ -49,11 +49,13 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import faiss
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:  # imported where a search runs: `rs5m report` imports this module for HASH_BYTES
+    import faiss
 
 HASH_BYTES = 32
 HASH_BITS = 256
@@ -171,6 +173,8 @@ def hash_neighbours(
     if len(base) == 0 or len(probes) == 0:
         return empty
 
+    import faiss
+
     approximate = backend == "ivf" or (backend == "auto" and len(base) > FLAT_MAX_ROWS)
     index = _ivf_index(base) if approximate else faiss.IndexBinaryFlat(HASH_BITS)
     if not approximate:
@@ -218,6 +222,8 @@ def _ivf_index(base: np.ndarray) -> faiss.IndexBinaryIVF:
     # ~4 * sqrt(n) lists keeps both the coarse assignment (n * lists) and the list scans
     # (n * nprobe * n / lists) at n^1.5; capped so k-means gets _IVF_TRAIN_PER_LIST points per list (faiss
     # warns below 39).
+    import faiss
+
     lists = round(_IVF_LISTS_PER_SQRT_ROW * np.sqrt(len(base)))
     lists = max(1, min(lists, len(base) // _IVF_TRAIN_PER_LIST))
     quantizer = faiss.IndexBinaryFlat(HASH_BITS)

@@ -18,12 +18,14 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.clip import ClipEncoder, UndecodableImageError
 from storage.atomic import write_json
+
+if TYPE_CHECKING:  # torch and open_clip load in seconds: `rs5m report` imports this module for the names
+    from models.clip import ClipEncoder
 
 FORMAT_VERSION = 1
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -113,6 +115,8 @@ def embed_files(
     paths: list[Path], encoder: ClipEncoder, batch_size: int = 64
 ) -> tuple[np.ndarray, list[Path]]:
     """Image embeddings of the decodable files, and the files that could not be decoded."""
+    from models.clip import UndecodableImageError
+
     images = [p.read_bytes() for p in paths]
     try:
         return encoder.encode_images(images, batch_size=batch_size), []

@@ -1,9 +1,11 @@
-"""The `rs5m` command: run the pipeline from a config, print the funnel, run the offline demo."""
+"""The `rs5m` command: run the pipeline from a config (or check it, or plan the run), print the funnel and
+the runs of a work directory, run the offline demo."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,8 +29,10 @@ def _stage_list(text: str) -> list[str]:
 
 
 # Exit statuses: 0 done, 1 the run failed (work so far kept), 2 bad input (config, paths), 3 the work
-# directory is being written by another run; 128 + N when stopped by signal N (130 Ctrl-C, 143 SIGTERM).
+# directory is being written by another run; 128 + N when stopped by signal N (130 Ctrl-C, 143 SIGTERM;
+# 141 when the reader of its output went away: `rs5m report W | head`).
 EXIT_BUSY = 3
+EXIT_BROKEN_PIPE = 141
 
 
 def run_pipeline(
@@ -62,7 +66,8 @@ def _say(message: str) -> None:
     print(f"rs5m: {message}", file=sys.stderr, flush=True)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _selection(args: argparse.Namespace) -> tuple[PipelineConfig, list[str] | None]:
+    """The config (with --workdir) and the pipelines --pipeline selects (None: every one the config has)."""
     config = load_config(args.config)
     if args.workdir:
         config = config.model_copy(update={"workdir": Path(args.workdir).resolve()})
@@ -71,7 +76,77 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not configured[args.pipeline]:
             raise ConfigError(f"--pipeline {args.pipeline}: the config has no {args.pipeline} sources")
     pipelines = None if args.pipeline is None else ([] if args.pipeline == "release" else [args.pipeline])
+    return config, pipelines
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config, pipelines = _selection(args)
+    if args.dry_run:
+        return dry_run(config, args, pipelines)
+    if args.json:
+        raise ConfigError("--json goes with --dry-run (a run prints its progress, then the funnel)")
     return run_pipeline(config, args.stages, wait=args.wait, pipelines=pipelines)
+
+
+def _writer(config: PipelineConfig) -> dict | None:
+    """Who holds the work directory's lock now (None: nobody), without taking it."""
+    from storage.layout import Layout
+    from storage.lock import is_held, read_holder
+
+    layout = Layout(config.workdir)
+    if not layout.root.is_dir() or not is_held(layout):
+        return None
+    return read_holder(layout) or {"run_id": None, "note": "no holder record"}
+
+
+def dry_run(config: PipelineConfig, args: argparse.Namespace, pipelines: list[str] | None) -> int:
+    """What `rs5m run` would run and what is current (rs5m/plan.py): checks the config as the run does,
+    then reads the work directory; takes no lock and writes nothing there."""
+    from rs5m.plan import plan_json, plan_run, plan_text
+    from tasks.pipeline import check_config
+
+    check_config(config, args.stages, pipelines)
+    plans = plan_run(config, pipelines, args.stages)
+    data = plan_json(config, plans, _writer(config))
+    print(json.dumps(data, indent=2) if args.json else plan_text(args.config, plans, data))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """The checks `rs5m run` makes before it starts (the config, the selection, every selected stage's
+    models, files and devices), alone: exit 0 when the run could start, 2 with the reason when not."""
+    from rs5m.terminal import wrapped
+    from tasks.pipeline import check_config, selected_stages
+
+    config, pipelines = _selection(args)
+    check_config(config, args.stages, pipelines)
+    names = [stage.name for stage in selected_stages(config, pipelines, args.stages)]
+    lines = wrapped(f"{args.config}: OK, a run could start (work directory {config.workdir})")
+    lines += wrapped(f"  checked {len(names)} stage{'s' * (len(names) != 1)}: {', '.join(names)}")
+    writer = _writer(config)
+    if writer is not None:
+        lines += wrapped(
+            f"  note: run {writer.get('run_id')} is writing the work directory now (a run would wait for it "
+            "with --wait, or exit 3)"
+        )
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rs5m.status import status_text, workdir_status
+    from storage.layout import Layout
+
+    layout = Layout(Path(args.workdir))
+    if not layout.root.is_dir():
+        print(f"rs5m status: no work directory at {layout.root}", file=sys.stderr)
+        return 2
+    status = workdir_status(layout)
+    if not status["runs"] and status["writer"] is None and not layout.runs.is_dir():
+        print(f"rs5m status: no runs recorded in {layout.root} (not a work directory?)", file=sys.stderr)
+        return 2
+    print(json.dumps(status, indent=2) if args.json else status_text(status, show_all=args.all))
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -218,7 +293,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="if another run is writing the work directory, wait for it (default: fail at once, exit 3)",
     )
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run nothing: check the config, then print per stage how many units are current and how many "
+        "would run (no lock taken, nothing written)",
+    )
+    run.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
     run.set_defaults(handler=cmd_run)
+
+    check = commands.add_parser(
+        "check",
+        help="check a config as `rs5m run` does before starting (models, files, devices); run nothing",
+    )
+    check.add_argument("config", help="pipeline config YAML")
+    check.add_argument("--stages", type=_stage_list, help="check only these stages (as `rs5m run --stages`)")
+    check.add_argument("--workdir", help="override the config's workdir")
+    check.add_argument("--pipeline", choices=["pub11", "rs3", "release"], help="as `rs5m run --pipeline`")
+    check.set_defaults(handler=cmd_check)
 
     train = commands.add_parser(
         "train", help="fine-tune an open_clip model as the config's `train:` section says (GeoRSCLIP)"
@@ -246,6 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--json", action="store_true", help="machine-readable funnel")
     report.set_defaults(handler=cmd_report)
 
+    status = commands.add_parser(
+        "status",
+        help="the runs of a work directory (running, completed, failed, interrupted) and its writer now",
+    )
+    status.add_argument("workdir")
+    status.add_argument("--json", action="store_true", help="machine-readable (every run)")
+    status.add_argument("--all", action="store_true", help="every run (default: the newest 10)")
+    status.set_defaults(handler=cmd_status)
+
     add_train_detector_parser(commands)
     add_eval_parser(commands)
 
@@ -261,6 +362,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command's exit status. Output into a pipe whose reader went away (`rs5m report W | head`) ends
+    the command quietly with 141, as a process killed by SIGPIPE would, and not with a traceback."""
+    try:
+        try:
+            return _main(argv)
+        finally:  # also after --help: a closed pipe fails here, not in the interpreter's exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        if not _stdout_reader_gone():  # another pipe or socket broke: a real error, with its traceback
+            raise
+        _drop_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (poll reports an error on its writing end)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll, or no file descriptor behind sys.stdout
+        return False
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that the flush at interpreter exit has nowhere to fail."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _main(argv: list[str] | None) -> int:
     from storage.atomic import DiskFullError
     from storage.lock import WorkdirBusyError
 

@@ -3,10 +3,12 @@ run is going), as text, JSON, Markdown and Prefect table rows."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from rs5m.caption_quality import caption_quality, quality_table
+from rs5m.terminal import TEXT_WIDTH, table, wrapped
 from storage.catalog import COMPLETE, catalog_root, open_catalog, stage_states
 from storage.layout import Layout
 from storage.markers import read_manifest
@@ -186,7 +188,13 @@ def _notes(records: list[dict[str, Any]], stages: list[StageFunnel]) -> list[str
     return notes
 
 
-def _matrices(report: FunnelReport) -> list[tuple[str, list[str], list[list[str]]]]:
+def _long_header(stage: StageFunnel) -> str:
+    return f"{stage.info.report.column} ({stage.info.name})"
+
+
+def _matrices(
+    report: FunnelReport, header_of: Callable[[StageFunnel], str] = _long_header
+) -> list[tuple[str, list[str], list[list[str]]]]:
     """One table per data pipeline: its sources by its complete stages and the release's, each cell the
     number RS5M's table reports for that stage (the last stage's column is RS5M's `remain`)."""
     tables = []
@@ -198,7 +206,7 @@ def _matrices(report: FunnelReport) -> list[tuple[str, list[str], list[list[str]
         sources = sorted({name for s in stages if PIPELINE_OF[s.info.name] == pipeline for name in s.sources})
         if not stages or not sources:
             continue
-        header = ["source", *(f"{s.info.report.column} ({s.info.name})" for s in stages)]
+        header = ["source", *(header_of(s) for s in stages)]
         rows = []
         for name in [*sources, "total"]:
             names = sources if name == "total" else [name]
@@ -212,25 +220,33 @@ def _reasons(counts: SourceCounts) -> str:
     return dropped or "none dropped"
 
 
-def funnel_text(report: FunnelReport) -> str:
-    lines = [f"RS5M funnel for {report.workdir}", ""]
+def funnel_text(report: FunnelReport, width: int = TEXT_WIDTH) -> str:
+    """The funnel for a terminal: no line is longer than `width` (tables too wide for it continue in blocks
+    below, each repeating the source column; long lines wrap, indented)."""
+    lines = [*wrapped(f"RS5M funnel for {report.workdir}", width), ""]
     if not report.complete:
         lines.append("No stage has completed yet.")
     else:
-        for pipeline, header, rows in _matrices(report):
-            lines.append(f"{pipeline}:")
-            lines += _aligned([header, *rows])
+        for pipeline, header, rows in _matrices(report, lambda stage: stage.info.name):
+            lines += wrapped(
+                f"{pipeline}: sources by stage, each cell the count RS5M's tables report for the stage "
+                "(which count: below)",
+                width,
+            )
+            lines += table([header, *rows], width, indent="  ")
             lines.append("")
-        lines += [
-            "",
-            "Per stage (in -> kept; dropped by reason). RS5M column: what RS5M's tables report for it.",
-        ]
+        lines += wrapped(
+            "Per stage (in -> kept; dropped by reason). RS5M column: what RS5M's tables report for it.", width
+        )
         for stage in report.complete:
-            lines.append(
-                f"  {stage.info.name} [RS5M: {stage.info.report.column}, the {stage.info.report.measure} count]"
+            lines += wrapped(
+                f"  {stage.info.name} [RS5M: {stage.info.report.column}, the {stage.info.report.measure} count]",
+                width,
             )
             for name, counts in sorted(stage.sources.items()):
-                lines.append(f"    {name}: {counts['in']} -> {counts['kept']} ({_reasons(counts)})")
+                lines += wrapped(
+                    f"    {name}: {counts['in']} -> {counts['kept']} ({_reasons(counts)})", width
+                )
     for stage in report.stages:
         if stage.status != COMPLETE:
             lines.append(f"  {stage.info.name}: {stage.status.replace('_', ' ')}")
@@ -238,34 +254,34 @@ def funnel_text(report: FunnelReport) -> str:
         lines.append("  (incomplete: nothing is released until every stage is complete)")
     if report.last_run and report.last_run["status"] != "completed":
         run = report.last_run
-        lines.append(
-            f"  last run {run['run_id']}: {run['status']}" + (f" ({run['error']})" if run["error"] else "")
+        lines += wrapped(
+            f"  last run {run['run_id']}: {run['status']}" + (f" ({run['error']})" if run["error"] else ""),
+            width,
         )
     for name, error in sorted(report.failed_sources.items()):
-        lines.append(f"  FAILED source {name}: {error}")
+        lines += wrapped(f"  FAILED source {name}: {error}", width)
     if report.eval_overlap:
-        lines.append("Evaluation-set overlap (training samples dropped as near-copies): " + _overlap(report))
+        lines += wrapped(
+            "Evaluation-set overlap (training samples dropped as near-copies): " + _overlap(report), width
+        )
     if report.caption_quality:
-        lines += ["", "Model captions (rs3_caption; the chosen BLIP-2 caption, before the meta caption):"]
+        lines += [
+            "",
+            *wrapped(
+                "Model captions (rs3_caption; the chosen BLIP-2 caption, before the meta caption):", width
+            ),
+        ]
         header, rows = quality_table(report.caption_quality)
-        lines += _aligned([header, *rows])
+        lines += table([header, *rows], width)
         for source, examples in report.caption_quality["examples"].items():
             for example in examples:
                 caption = example["caption"]
                 shown = caption if len(caption) <= EXAMPLE_CHARS else f"...{caption[-EXAMPLE_CHARS:]}"
-                lines.append(f"  e.g. {source} {example['file']}: {shown!r}")
-    lines += [f"NOTE: {note}" for note in report.notes]
+                lines += wrapped(f"  e.g. {source} {example['file']}:", width)
+                lines += wrapped(f"      {shown!r}", width)
+    for note in report.notes:
+        lines += wrapped(f"NOTE: {note}", width)
     return "\n".join(lines)
-
-
-def _aligned(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return [
-        "  ".join(
-            cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in rows
-    ]
 
 
 def _overlap(report: FunnelReport) -> str:

@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from models.clip import file_sha256
 from models.near_duplicates import embedding_neighbours
 from models.perceptual_hash import dct_hash, hash_neighbours
 from rs5m.config import DecontaminateConfig, EvalSetConfig, PipelineConfig
@@ -90,6 +89,8 @@ def eval_files(eval_set: EvalSetConfig) -> list[Path]:
 def eval_set_key(eval_set: EvalSetConfig, files: list[Path], model: dict[str, str]) -> str:
     """Hash of the model identity and the set's relative file names and contents (not where the folder is
     or when its files were written: a copied eval set is the same eval set)."""
+    from models.clip import file_sha256
+
     folder = Path(eval_set.path)
     listing = [[path.relative_to(folder).as_posix(), file_sha256(path)] for path in files]
     payload = json.dumps({"version": INDEX_VERSION, "model": model, "files": listing}, sort_keys=True)

@@ -20,16 +20,19 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from models.clip import ClipEncoder, ClipSpec, UndecodableImageError, load_clip
 from models.perceptual_hash import HASH_BYTES, dct_hash
 from rs5m.config import ClipConfig, PipelineConfig
 from storage.schemas import EMBED_SCHEMA
 from tasks.harness import Report, ShardStage
 from tasks.stage import ShardOutcome, split_by_reason
 from tasks.watchdog import heartbeat, holding
+
+if TYPE_CHECKING:  # torch and open_clip load in seconds: only the work imports them, not `rs5m report`
+    from models.clip import ClipEncoder, ClipSpec
 
 HASH_THREADS = os.cpu_count() or 1
 
@@ -51,6 +54,8 @@ def embed_shard(
     progress: a heartbeat, called after each batch the encoder finishes with its number of items (images, then
     captions; the images are counted twice in the rare case that the encoder rejects some and runs again).
     """
+    from models.clip import UndecodableImageError
+
     images = table.column("image").to_pylist()
     # Hashing runs in threads while the encoder works (PIL releases the GIL): one core hashes ~900 img/s, so a
     # serial loop would cap a GPU encoder (~12k img/s) at a fraction of its rate. Nothing in this stage forks
@@ -109,6 +114,8 @@ def _hash_or_error(data: bytes | None) -> bytes | str:
 
 
 def clip_spec(config: ClipConfig) -> ClipSpec:
+    from models.clip import ClipSpec
+
     return ClipSpec(
         model=config.model,
         pretrained=config.pretrained,
@@ -133,6 +140,8 @@ _LOADING = threading.Lock()
 
 @functools.cache
 def _shared_encoder(spec: ClipSpec, num_workers: int) -> SharedEncoder:
+    from models.clip import load_clip
+
     return SharedEncoder(load_clip(spec, num_workers=num_workers))
 
 

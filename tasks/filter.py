@@ -34,11 +34,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
-from models.clip import ClipEncoder, ClipSpec
 from models.rs_detector import check_detector_name, load_detector
 from rs5m.config import FilterConfig, PipelineConfig
 from storage.layout import Layout
@@ -48,6 +48,9 @@ from tasks.embed import clip_spec, model_identity, shared_encoder
 from tasks.harness import Report, ShardStage
 from tasks.shipped import resolve_shipped
 from tasks.stage import ShardOutcome, decisions
+
+if TYPE_CHECKING:  # torch and open_clip load in seconds: only the work imports them, not `rs5m report`
+    from models.clip import ClipEncoder, ClipSpec
 
 REASONS = {
     "not_remote_sensing": "rs_score < rs_score_min: the image is not remote sensing (checked first; "

@@ -68,8 +68,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import reverse_geocode
-
 from rs5m.config import RS3_FORMATS, MetaCaptionConfig
 from tasks.shipped import resolve_shipped
 
@@ -261,6 +259,8 @@ def _lookup(locations: list[tuple[float, float]]) -> dict[tuple[float, float], P
         else:
             found[location] = place
     if missing:
+        import reverse_geocode  # loads scipy and its place table: only when a caption needs it
+
         for location, result in zip(missing, reverse_geocode.search(missing), strict=True):
             found[location] = Place(_country_name(result), _text(result.get("city")))
         if len(_place_cache) + len(missing) > _PLACE_CACHE_SIZE:

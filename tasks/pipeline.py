@@ -17,7 +17,6 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import tasks.filter
-from models.clip import ensure_loadable
 from rs5m.config import ConfigError, PipelineConfig
 from storage.catalog import refresh_catalog
 from storage.layout import Layout
@@ -140,6 +139,8 @@ def check_config(
     checks = selected_stages(config, pipelines, stages)
     try:
         if any("clip" in stage.sections for stage in checks):
+            from models.clip import ensure_loadable  # torch and open_clip: only when a stage uses CLIP
+
             ensure_loadable(embed.clip_spec(config.clip))
     except (OSError, ValueError, RuntimeError) as error:
         raise ConfigError(f"clip: {error}") from None

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from models.clip import ROTATIONS, ClipEncoder, ImageView
 from rs5m.config import CaptionConfig, PipelineConfig
 from storage.schemas import MODEL_CAPTION_FIELDS, SAMPLE_FIELDS
 from tasks.embed import model_identity, shared_encoder
@@ -45,6 +44,7 @@ from tasks.watchdog import heartbeat, holding
 
 if TYPE_CHECKING:  # transformers loads in seconds: only the stage's work imports it (not `rs5m report`)
     from models.blip2 import Captioner, CaptionerSpec, Decoding
+    from models.clip import ClipEncoder, ImageView
 
 REASONS = {
     "no_model_caption": "every caption BLIP-2 sampled for the image was empty",
@@ -73,6 +73,8 @@ def names_orientation(caption: str) -> bool:
 
 def views(flips: bool) -> tuple[ImageView, ...]:
     """The views every candidate is scored on, in the order of the stored per-view scores."""
+    from models.clip import ROTATIONS
+
     return (*ROTATIONS, "hflip", "vflip") if flips else ROTATIONS
 
 
