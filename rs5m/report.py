@@ -153,6 +153,12 @@ def load_funnel(layout: Layout) -> FunnelReport:
             "status": effective_status(layout, newest),
             "error": newest.get("error"),
             "stage": newest.get("stage"),
+            # per stage it ran: units whose current marker was reused, and units it (re)computed
+            "units": [
+                {"stage": r["stage"], "reused": r["skipped"], "ran": r["units"] - r["skipped"]}
+                for r in newest.get("results") or []
+                if isinstance(r, dict) and {"stage", "units", "skipped"} <= set(r)
+            ],
         }
     return FunnelReport(
         str(layout.root),
@@ -256,6 +262,12 @@ def funnel_text(report: FunnelReport, width: int = TEXT_WIDTH) -> str:
         run = report.last_run
         lines += wrapped(
             f"  last run {run['run_id']}: {run['status']}" + (f" ({run['error']})" if run["error"] else ""),
+            width,
+        )
+    if report.last_run and report.last_run["units"]:
+        lines += wrapped(
+            "  last run, units reused / run per stage: "
+            + ", ".join(f"{u['stage']} {u['reused']}/{u['ran']}" for u in report.last_run["units"]),
             width,
         )
     for name, error in sorted(report.failed_sources.items()):

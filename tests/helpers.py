@@ -11,10 +11,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pytest
 
+from storage.layout import Layout
+
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
 DEMO_TIMEOUT_S = 600
 
 
@@ -105,3 +109,29 @@ def near(vector: np.ndarray, cosine: float, rng: np.random.Generator) -> np.ndar
     other = rng.standard_normal(vector.shape)
     other = unit(other - other @ vector * vector)
     return cosine * vector + np.sqrt(1 - cosine**2) * other
+
+
+def canonical(workdir: Path) -> tuple[list, list]:
+    con = duckdb.connect(str(Layout(workdir).catalog), read_only=True)
+    ledger = con.sql("SELECT * EXCLUDE (run_id) FROM ledger ORDER BY stage, sample_id").fetchall()
+    samples = con.sql("SELECT * FROM samples ORDER BY sample_id").fetchall()
+    return ledger, samples
+
+
+def write_demo_pub11_config(workdir: Path, base_url: str) -> Path:
+    """configs/demo.yaml for the demo's PUB11 sources alone (served at base_url), written into workdir with
+    its sources, eval and held-out sets, as a user's config file."""
+    import yaml
+
+    from rs5m import demo
+
+    layout = Layout(workdir)
+    demo.write_demo_sources(layout.demo_sources(), base_url)
+    demo.write_demo_eval_set(workdir / "demo_eval")
+    demo.write_demo_heldout_sets(workdir / "demo_heldout")
+    data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    del data["rs3"]
+    data["workdir"] = str(workdir)
+    path = workdir / "pub11-config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path

@@ -15,11 +15,9 @@ import pytest
 import yaml
 
 from rs5m import demo
-from storage.layout import Layout
-from tests.helpers import BIN, PrefectServer, free_port
+from tests.helpers import BIN, PrefectServer, free_port, write_demo_pub11_config
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 BUILD_DEPLOYMENTS = {"rs5m-rebuild", "rs5m-pub11", "rs5m-rs3", "rs5m-release"}
 RUN_TIMEOUT_S = 900
 
@@ -65,20 +63,6 @@ def own_server(tmp_path: Path):
         server.stop()
 
 
-def _demo_pub11_config(workdir: Path, base_url: str) -> Path:
-    """The demo's config for its PUB11 sources (served at base_url), written as a file as a user would."""
-    layout = Layout(workdir)
-    demo.write_demo_sources(layout.demo_sources(), base_url)
-    demo.write_demo_eval_set(workdir / "demo_eval")
-    demo.write_demo_heldout_sets(workdir / "demo_heldout")
-    data = yaml.safe_load(DEMO_CONFIG.read_text())
-    del data["rs3"]
-    data["workdir"] = str(workdir)
-    path = workdir / "pub11-config.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
 def test_deploy_all_then_a_worker_runs_the_rebuild_and_its_completion_starts_the_evaluation(
     tmp_path: Path, own_server: PrefectServer
 ) -> None:
@@ -106,7 +90,7 @@ def test_deploy_all_then_a_worker_runs_the_rebuild_and_its_completion_starts_the
     workdir = tmp_path / "work"
     try:
         with demo.DemoServer(port=free_port()) as served:
-            config = _demo_pub11_config(workdir, served.base_url)
+            config = write_demo_pub11_config(workdir, served.base_url)
             out = prefect("deployment", "run", "rs5m/rs5m-rebuild", "--param", f"config={config}", env=env)
             with (
                 temporary_settings({PREFECT_API_URL: own_server.api_url}),

@@ -27,7 +27,7 @@ from rs5m.demo import expected_contaminated, expected_dedup, expected_funnel, ro
 from storage.catalog import catalog_root
 from storage.layout import Layout
 from storage.lock import workdir_lock
-from tests.helpers import BIN, DEMO_TIMEOUT_S, rs5m
+from tests.helpers import BIN, DEMO_TIMEOUT_S, canonical, rs5m
 
 PUB11 = ["ingest", "keyword", "download", "validate", "embed", "filter"]
 RS3 = ["rs3_ingest", "rs3_read", "rs3_validate", "rs3_meta", "rs3_caption", "rs3_embed", "rs3_score"]
@@ -219,13 +219,6 @@ def test_prefect_api_shows_the_run_its_tasks_and_artifacts(demo_run: Path, prefe
     report = report_json(demo_run)
     assert kept == {(s["stage"], n): c["kept"] for s in report["stages"] for n, c in s["sources"].items()}
     assert "RS5M funnel" in by_key["rs5m-summary"].data
-
-
-def canonical(workdir: Path) -> tuple[list, list]:
-    con = duckdb.connect(str(Layout(workdir).catalog), read_only=True)
-    ledger = con.sql("SELECT * EXCLUDE (run_id) FROM ledger ORDER BY stage, sample_id").fetchall()
-    samples = con.sql("SELECT * FROM samples ORDER BY sample_id").fetchall()
-    return ledger, samples
 
 
 def _wait_for_download_work(workdir: Path, process: subprocess.Popen, since: float) -> str:
