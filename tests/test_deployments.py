@@ -98,7 +98,27 @@ def test_deploy_all_then_a_worker_runs_the_rebuild_and_its_completion_starts_the
             ):
                 (build,) = client.read_flow_runs()
                 assert str(build.id) in out
+                # a second run of the same deployment meanwhile (an overlapping schedule): it waits for the
+                # deployment's one slot instead of writing the work directory beside the first
+                out = prefect(
+                    "deployment", "run", "rs5m/rs5m-rebuild", "--param", f"config={config}", env=env
+                )
+                (overlapping,) = [run for run in client.read_flow_runs() if run.id != build.id]
                 deadline = time.monotonic() + RUN_TIMEOUT_S
+                waited = False
+                while not (build := client.read_flow_run(build.id)).state.is_final():
+                    assert time.monotonic() < deadline, f"build still {build.state.name}"
+                    second = client.read_flow_run(overlapping.id).state
+                    assert not (second.is_running() and build.state.is_running()), "both runs were running"
+                    waited |= second.name == "AwaitingConcurrencySlot"
+                    if waited:
+                        client.delete_flow_run(
+                            overlapping.id
+                        )  # seen waiting: enough (its run would be a no-op)
+                        overlapping = None
+                        break
+                    time.sleep(2)
+                assert waited, "the overlapping run never waited for the deployment's concurrency slot"
                 while not (build := client.read_flow_run(build.id)).state.is_final():
                     assert time.monotonic() < deadline, f"build still {build.state.name}"
                     time.sleep(2)
