@@ -264,7 +264,7 @@ def funnel_text(report: FunnelReport, width: int = TEXT_WIDTH) -> str:
             f"  last run {run['run_id']}: {run['status']}" + (f" ({run['error']})" if run["error"] else ""),
             width,
         )
-    if report.last_run and report.last_run["units"]:
+    if report.last_run and report.last_run.get("units"):
         lines += wrapped(
             "  last run, units reused / run per stage: "
             + ", ".join(f"{u['stage']} {u['reused']}/{u['ran']}" for u in report.last_run["units"]),
