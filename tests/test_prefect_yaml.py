@@ -1,4 +1,5 @@
-"""prefect.yaml's deployments point at real flows and carry parameters those flows accept."""
+"""prefect.yaml's deployments point at real flows and carry parameters those flows accept: a config file's path
+(relative to the repository, the working directory `prefect deploy` records) that loads as a pipeline config."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from rs5m.config import PipelineConfig
+from rs5m.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,5 +20,7 @@ def test_every_deployment_names_a_flow_and_valid_parameters() -> None:
         path, _, name = deployment["entrypoint"].partition(":")
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
         flow = getattr(module, name)
-        assert flow.name == deployment["name"]
-        PipelineConfig.model_validate(deployment["parameters"]["config"])
+        parameters = flow.validate_parameters(deployment["parameters"])  # raises on a parameter it refuses
+        assert parameters["config"] == deployment["parameters"]["config"], deployment["name"]  # a path, kept
+        config = load_config(REPO / parameters["config"])
+        assert config.clip.pretrained, f"{deployment['name']}: the example config must name real CLIP weights"
