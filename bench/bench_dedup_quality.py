@@ -20,7 +20,6 @@ import io
 import math
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import faiss
@@ -33,41 +32,9 @@ sys.path.insert(0, str(REPO))
 
 from models import perceptual_hash  # noqa: E402
 from tasks.rs3.bigearthnet import rgb_composite  # noqa: E402
+from tests.test_perceptual_hash import COPIES, _jpeg  # noqa: E402  (the copies the test requires rates of)
 
 DATA = REPO.parent / "shared" / "data"
-T = Image.Transpose
-
-
-def _jpeg(image: Image.Image, quality: int = 95) -> bytes:
-    out = io.BytesIO()
-    image.save(out, "JPEG", quality=quality)
-    return out.getvalue()
-
-
-def _crop(image: Image.Image, fraction_per_side: float) -> Image.Image:
-    w, h = image.size
-    dx, dy = round(w * fraction_per_side), round(h * fraction_per_side)
-    return image.crop((dx, dy, w - dx, h - dy))
-
-
-def _scaled(image: Image.Image, scale: float) -> Image.Image:
-    return image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
-
-
-TRANSFORMS: dict[str, Callable[[Image.Image], bytes]] = {
-    "rotate_90": lambda im: _jpeg(im.transpose(T.ROTATE_90)),
-    "rotate_180": lambda im: _jpeg(im.transpose(T.ROTATE_180)),
-    "rotate_270": lambda im: _jpeg(im.transpose(T.ROTATE_270)),
-    "flip_horizontal": lambda im: _jpeg(im.transpose(T.FLIP_LEFT_RIGHT)),
-    "flip_vertical": lambda im: _jpeg(im.transpose(T.FLIP_TOP_BOTTOM)),
-    "transpose": lambda im: _jpeg(im.transpose(T.TRANSPOSE)),
-    "jpeg_q50": lambda im: _jpeg(im, 50),
-    "jpeg_q75": lambda im: _jpeg(im, 75),
-    "resize_0.5x": lambda im: _jpeg(_scaled(im, 0.5)),
-    "resize_0.75x": lambda im: _jpeg(_scaled(im, 0.75)),
-    "centre_crop_2.5%": lambda im: _jpeg(_crop(im, 0.025)),
-    "crop_2.5%_rotated": lambda im: _jpeg(_crop(im, 0.025).transpose(T.ROTATE_270)),
-}
 
 
 class DctHash:
@@ -181,7 +148,7 @@ def main() -> None:
         + f" = {len(images)}"
     )
     encoded = [_jpeg(im) for im in images]
-    copies = {name: [make(im) for im in images] for name, make in TRANSFORMS.items()}
+    copies = {name: [make(im) for im in images] for name, (make, _) in COPIES.items()}
     # the module's own hash must be what this bench measures
     assert np.array_equal(hashes[1].hashes(encoded[:20]), perceptual_hash.dct_hashes(encoded[:20]))
 

@@ -107,7 +107,7 @@ def _collect(stage: str, units: list[str], futures: Any) -> tuple[list[ShardSumm
     summaries: list[ShardSummary] = []
     failed: dict[str, str] = {}
     for future in as_completed(list(futures)):
-        future.wait()
+        future.wait()  # as_completed can yield before the future's Prefect state is final
         summary = None
         if future.state.is_completed():
             summary = future.result()

@@ -8,10 +8,14 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rs5m.config import ConfigError, PipelineConfig, load_config
 from rs5m.detector_cli import add_train_detector_parser
 from rs5m.eval_cli import add_eval_parser
+
+if TYPE_CHECKING:
+    from storage.layout import Layout
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -133,13 +137,22 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from rs5m.status import status_text, workdir_status
+def _existing_workdir(path: str, command: str) -> Layout | None:
+    """The work directory's Layout, or None after saying on stderr that there is none at `path`."""
     from storage.layout import Layout
 
-    layout = Layout(Path(args.workdir))
+    layout = Layout(Path(path))
     if not layout.root.is_dir():
-        print(f"rs5m status: no work directory at {layout.root}", file=sys.stderr)
+        print(f"rs5m {command}: no work directory at {layout.root}", file=sys.stderr)
+        return None
+    return layout
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rs5m.status import status_text, workdir_status
+
+    layout = _existing_workdir(args.workdir, "status")
+    if layout is None:
         return 2
     status = workdir_status(layout)
     if not status["runs"] and status["writer"] is None and not layout.runs.is_dir():
@@ -186,13 +199,11 @@ def run_training(config: PipelineConfig, evaluate: bool, wait: bool = False) -> 
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from storage.layout import Layout
     from storage.lock import workdir_lock
     from storage.prune import apply_prune, plan_prune
 
-    layout = Layout(Path(args.workdir))
-    if not layout.root.is_dir():
-        print(f"rs5m prune: no work directory at {layout.root}", file=sys.stderr)
+    layout = _existing_workdir(args.workdir, "prune")
+    if layout is None:
         return 2
     with workdir_lock(layout, "prune", wait=False):
         plan = plan_prune(layout)

@@ -135,3 +135,22 @@ def write_demo_pub11_config(workdir: Path, base_url: str) -> Path:
     path = workdir / "pub11-config.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def run_stage_directly(layout: Layout, name: str, config, run_id: str) -> None:
+    """One stage over all its units, as its flow does (flows/stages.py), without Prefect."""
+    from tasks.harness import begin_stage, complete_stage
+    from tasks.pipeline import STAGES
+
+    stage = STAGES[name]
+    begin_stage(layout, name, run_id)
+    units = stage.units(layout, config)
+    for unit in units:
+        stage.run_unit(layout, unit, config, run_id)
+    complete_stage(
+        layout,
+        stage=name,
+        upstreams=stage.upstreams(config),
+        unit_fingerprints=stage.unit_fingerprints(config, units),
+        run_id=run_id,
+    )

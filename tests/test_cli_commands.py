@@ -20,9 +20,9 @@ from rs5m.terminal import TEXT_WIDTH, table, wrapped
 from storage.layout import Layout
 from storage.lock import workdir_lock
 from storage.runs import COMPLETED, RUNNING, write_run_record
-from tasks.harness import begin_stage, complete_stage, now
+from tasks.harness import begin_stage, now
 from tasks.pipeline import STAGE_ORDER, STAGES, refresh_workdir_catalog
-from tests.helpers import BIN
+from tests.helpers import BIN, run_stage_directly
 
 HEAVY = ("torch", "open_clip", "transformers", "prefect")
 SOURCES = {"cc3m_like": 150, "laion_like": 230, "redcaps_like_with_a_long_name": 90}
@@ -43,23 +43,6 @@ def _write_config(tmp: Path, name: str = "pipeline", **sections: dict) -> Path:
     return path
 
 
-def _run_stage(layout: Layout, name: str, config, run_id: str) -> None:
-    """One stage over all its units, as its flow does (flows/stages.py), without Prefect."""
-    stage = STAGES[name]
-    begin_stage(layout, name, run_id)
-    units = stage.units(layout, config)
-    for unit in units:
-        stage.run_unit(layout, unit, config, run_id)
-    complete_stage(
-        layout,
-        stage=name,
-        upstreams=stage.upstreams(config),
-        unit_fingerprints=stage.unit_fingerprints(config, units),
-        run_id=run_id,
-    )
-    refresh_workdir_catalog(layout)
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> tuple[Path, Path]:
     """(work directory, config): ingest and keyword complete, recorded as one completed run."""
@@ -77,7 +60,8 @@ def workdir(tmp_path_factory) -> tuple[Path, Path]:
     layout = Layout(config.workdir)
     started = now()
     for stage in ("ingest", "keyword"):
-        _run_stage(layout, stage, config, "run-a")
+        run_stage_directly(layout, stage, config, "run-a")
+        refresh_workdir_catalog(layout)
     write_run_record(
         layout,
         "run-a",
@@ -331,7 +315,8 @@ def test_status_shows_the_running_stage_and_the_writer(workdir, tmp_path: Path) 
             assert status["writer"]["run_id"] == "run-b" and status["writer"]["pid"] == os.getpid()
             assert status["runs"][-1]["progress"] == {"units_written": 2, "units": len(shards)}
     finally:  # the module's work directory as it was: keyword complete, run-b gone
-        _run_stage(layout, "keyword", config, "run-a")
+        run_stage_directly(layout, "keyword", config, "run-a")
+        refresh_workdir_catalog(layout)
         layout.run_record("run-b").unlink(missing_ok=True)
 
 

@@ -26,8 +26,8 @@ from rs5m.config import PipelineConfig, parse_config
 from storage.catalog import INTERRUPTED, stage_states
 from storage.layout import Layout
 from storage.markers import read_manifest
-from tasks.harness import begin_stage, complete_stage
-from tasks.pipeline import STAGE_ORDER, STAGES
+from tasks.pipeline import STAGE_ORDER
+from tests.helpers import run_stage_directly
 
 pytestmark = pytest.mark.xdist_group(name="demo")  # reuses the session's demo run (tests/conftest.py)
 
@@ -52,22 +52,6 @@ CASES = [
 ]
 
 
-def run_stage(layout: Layout, name: str, config: PipelineConfig, run_id: str) -> None:
-    """One stage over all its units, as its flow does (flows/stages.py), without Prefect."""
-    stage = STAGES[name]
-    begin_stage(layout, name, run_id)
-    units = stage.units(layout, config)
-    for unit in units:
-        stage.run_unit(layout, unit, config, run_id)
-    complete_stage(
-        layout,
-        stage=name,
-        upstreams=stage.upstreams(config),
-        unit_fingerprints=stage.unit_fingerprints(config, units),
-        run_id=run_id,
-    )
-
-
 def crash_during(
     root: str, stage: str, config: PipelineConfig, module: str, attribute: str, nth: int
 ) -> None:
@@ -86,7 +70,7 @@ def crash_during(
         return original(*args, **kwargs)
 
     setattr(owner, name, crashing)
-    run_stage(Layout(Path(root)), stage, config, run_id="crashed")
+    run_stage_directly(Layout(Path(root)), stage, config, run_id="crashed")
     os._exit(0)  # the crash point was not reached
 
 
@@ -147,6 +131,6 @@ def test_a_stage_killed_at_a_commit_step_reruns_to_the_uninterrupted_result(
 
     layout = Layout(workdir)
     assert {s.stage: s.status for s in stage_states(layout, STAGE_ORDER)}[stage] == INTERRUPTED
-    run_stage(layout, stage, config, run_id="rerun")
+    run_stage_directly(layout, stage, config, run_id="rerun")
     assert stage_outputs(workdir, stage) == stage_outputs(demo_run, stage)
     assert not [p for p in workdir.rglob("*") if ".tmp-" in p.name or ".building-" in p.name]

@@ -40,7 +40,7 @@ def _scaled(im: Image.Image, scale: float) -> Image.Image:
     return im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.LANCZOS)
 
 
-# name -> (make the copy, required detection rate)
+# name -> (make the copy, required detection rate); bench/bench_dedup_quality.py measures the same copies
 COPIES = {
     "rotate_90": (lambda im: _jpeg(im.transpose(T.ROTATE_90)), 0.99),
     "rotate_180": (lambda im: _jpeg(im.transpose(T.ROTATE_180)), 0.99),
@@ -53,6 +53,7 @@ COPIES = {
     "resize_0.5x": (lambda im: _jpeg(_scaled(im, 0.5)), 0.99),
     "resize_0.75x": (lambda im: _jpeg(_scaled(im, 0.75)), 0.99),
     "centre_crop_2.5%": (lambda im: _jpeg(_centre_crop(im, 0.025)), 0.90),
+    "crop_2.5%_rotated": (lambda im: _jpeg(_centre_crop(im, 0.025).transpose(T.ROTATE_270)), 0.90),
 }
 
 
