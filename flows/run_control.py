@@ -4,9 +4,9 @@ cancelling a flow run and a container stop send), or the watchdog giving up on a
 Work is committed unit by unit, atomically, so stopping never waits for a shard to finish. On the first
 signal the run, at once: records its end (run record: interrupted, with the signal and the stage), tells
 Prefect (its flow runs and their unfinished task runs become Cancelled, so the UI does not show them
-running), ends its worker processes (img2dataset pools, decode workers, an ephemeral Prefect server), and
-exits with 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM). A second signal meanwhile exits at
-once. The stage that was running shows as interrupted in `rs5m report`, and rerunning the same command
+running), refuses to start any new process, ends its worker processes (img2dataset pools, decode workers,
+an ephemeral Prefect server), and exits with 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM). A
+second signal meanwhile exits at once. The stage that was running shows as interrupted in `rs5m report`, and rerunning the same command
 resumes. Waiting for the threads instead is what hung runs for minutes: a task thread blocked in a
 multiprocessing pool whose workers died never returns.
 
@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import contextvars
 import gc
+import multiprocessing.process
 import os
 import signal
+import subprocess
 import sys
 import threading
 import warnings
@@ -132,6 +134,7 @@ def stop_run(signum: int) -> None:
             file=sys.stderr,
             flush=True,
         )
+    refuse_new_processes()
     end_child_processes()
     _release_semaphores()
     os._exit(code)
@@ -188,6 +191,18 @@ def _cancel_flow_runs(flow_run_ids: list[UUID], message: str) -> None:
                 client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
     except Exception as error:  # the API may be gone (an ephemeral server hit by the same Ctrl-C)
         print(f"rs5m: could not tell Prefect the run stopped: {error}", file=sys.stderr)
+
+
+def refuse_new_processes() -> None:
+    """From now on, starting a process raises. The run's task threads go on while it stops, and one may start
+    processes meanwhile (a download task starting the next shard, or retrying the one its pool broke under:
+    img2dataset's logger and pool processes); one started after the last sweep would outlive the run."""
+
+    def refused(*_args: Any, **_kwargs: Any) -> None:
+        raise RuntimeError("the run is stopping: no new process is started")
+
+    multiprocessing.process.BaseProcess.start = refused  # type: ignore[method-assign]
+    subprocess.Popen._execute_child = refused  # type: ignore[attr-defined]
 
 
 def end_child_processes() -> None:

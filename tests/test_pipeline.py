@@ -261,7 +261,11 @@ def _stop_mid_download(
             os.killpg(process.pid, signum)  # what Ctrl-C in a terminal does
         else:
             process.send_signal(signum)  # what `timeout` and a Prefect worker do
-        stdout, stderr = process.communicate(timeout=60)
+        try:
+            stdout, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired as expired:  # something of the run's holds its output open
+            holders = [" ".join(p.cmdline()) for p in _session_processes(process.pid)]
+            raise AssertionError(f"exit {process.poll()}; still running: {holders}") from expired
         took = time.monotonic() - sent
         deadline = time.monotonic() + 5
         while _session_processes(process.pid) and time.monotonic() < deadline:

@@ -4,7 +4,9 @@ stop the run with where it was."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -116,3 +118,67 @@ def test_ending_the_children_leaves_no_pool_replacement_behind(tmp_path: Path) -
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["0"], result.stderr[-3000:]
+
+
+# A run whose task thread keeps starting worker processes (as a download task does when img2dataset's pool
+# breaks under it and it starts the next shard or a retry: a logger process and a new pool) while the run
+# stops. What it starts after the sweep would outlive the run, holding its stdout: nothing may be started.
+RESTARTING_RUN = """
+import multiprocessing, subprocess, sys, threading, time
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from flows.run_control import ActiveRun, entered_stage, stoppable
+from storage.layout import Layout
+
+def keep_starting():
+    context = multiprocessing.get_context("spawn")
+    while True:
+        try:
+            context.Process(target=time.sleep, args=(60,), daemon=True).start()
+            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        except Exception:
+            pass  # as a retrying task does: try again
+        time.sleep(0.02)
+
+if __name__ == "__main__":
+    with stoppable(ActiveRun(Layout(Path({root!r})), "run-1", {{"stages": ["download"]}})):
+        entered_stage("download", None)
+        threading.Thread(target=keep_starting, daemon=True).start()
+        time.sleep(2)
+        print("started", flush=True)
+        time.sleep(600)
+"""
+
+
+def test_a_stopping_run_starts_no_process_that_would_outlive_it(tmp_path: Path) -> None:
+    script = tmp_path / "run.py"
+    script.write_text(RESTARTING_RUN.format(repo=str(REPO), root=str(tmp_path)))
+    process = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert process.stdout.readline() == "started\n"
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        time.sleep(1)  # a process started in the run's last moments is alive by now
+        leftovers = [
+            " ".join(p.cmdline())
+            for p in psutil.process_iter()
+            if _in_session(p, process.pid) and p.status() != psutil.STATUS_ZOMBIE
+        ]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 143, process.stderr.read()[-3000:]
+    assert leftovers == []
+
+
+def _in_session(process: psutil.Process, session: int) -> bool:
+    try:
+        return os.getsid(process.pid) == session
+    except (ProcessLookupError, psutil.Error):
+        return False
