@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from rs5m.config import ConfigError, PipelineConfig, load_config
 from rs5m.detector_cli import add_train_detector_parser
 from rs5m.eval_cli import add_eval_parser
+from rs5m.verbosity import set_verbose
 
 if TYPE_CHECKING:
     from storage.layout import Layout
@@ -48,17 +49,23 @@ def run_pipeline(
     import os
 
     from flows.pipelines import rs5m_flow
+    from rs5m.report import funnel_markdown, load_funnel
     from storage.layout import Layout
     from storage.lock import workdir_lock
     from tasks.pipeline import check_config
 
     # a bad model, detector or eval folder fails here, before any stage runs
     check_config(config, stages, pipelines)
+    layout = Layout(config.workdir)
     # taken here too (the flow takes it again), so a busy work directory is one line and no Prefect run
-    with workdir_lock(Layout(config.workdir), f"starting (rs5m pid {os.getpid()})", wait=wait, on_wait=_say):
+    with workdir_lock(layout, f"starting (rs5m pid {os.getpid()})", wait=wait, on_wait=_say):
         state = rs5m_flow(
             config=config, pipelines=pipelines, stages=stages, wait_for_lock=wait, return_state=True
         )
+    if state.is_completed() or state.is_failed():
+        # the funnel so far, on stdout; the flow's own print of it is a log line (log_prints), which a
+        # run that is not verbose keeps off the terminal
+        print(funnel_markdown(load_funnel(layout), str(layout.root)))
     if state.is_completed():
         return 0
     print(f"\nrun {state.name.lower()}: {state.message}", file=sys.stderr)
@@ -84,6 +91,7 @@ def _selection(args: argparse.Namespace) -> tuple[PipelineConfig, list[str] | No
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    set_verbose(args.verbose)  # before anything imports Prefect, which reads its console level then
     config, pipelines = _selection(args)
     if args.dry_run:
         return dry_run(config, args, pipelines)
@@ -178,7 +186,7 @@ def run_training(config: PipelineConfig, evaluate: bool, wait: bool = False) -> 
     directory's lock: the release it reads must not be replaced (and the old one deleted) while it trains."""
     import os
 
-    from flows.train import train_and_evaluate_flow, train_flow
+    from flows.train import scorecard_text, train_and_evaluate_flow, train_flow
     from models.train import TrainingInputError, check_training_inputs
     from storage.layout import Layout
     from storage.lock import workdir_lock
@@ -192,6 +200,8 @@ def run_training(config: PipelineConfig, evaluate: bool, wait: bool = False) -> 
         chosen = train_and_evaluate_flow if evaluate else train_flow
         state = chosen(config=config, return_state=True)
     if state.is_completed():
+        if evaluate:  # on stdout: the flow's own print of it is a log line, off the terminal unless verbose
+            print(scorecard_text(state.result()))
         return 0
     print(f"\ntraining {state.name.lower()}: {state.message}", file=sys.stderr)
     print("Checkpoints so far are kept; rerun the same command to resume.", file=sys.stderr)
@@ -244,6 +254,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    set_verbose(args.verbose)  # before anything imports Prefect, which reads its console level then
     import yaml
 
     from rs5m.config import parse_config
@@ -311,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         "would run (no lock taken, nothing written)",
     )
     run.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
+    _add_verbose(run)
     run.set_defaults(handler=cmd_run)
 
     check = commands.add_parser(
@@ -368,8 +380,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--port", type=int, default=0, help="loopback port of the corpus server (default: any free port)"
     )
+    _add_verbose(demo)
     demo.set_defaults(handler=cmd_demo)
     return parser
+
+
+def _add_verbose(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Prefect's log lines (task runs created, finished) and img2dataset's output "
+        "(default: a progress line per stage, warnings and errors, then the funnel)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

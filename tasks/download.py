@@ -192,7 +192,9 @@ def _run_img2dataset(requests: pa.Table, config: DownloadConfig, scratch_dir: Pa
         )
     outputs = sorted(output_folder.glob("*.parquet"))
     if not outputs:
-        raise RuntimeError(f"img2dataset wrote no output for {requests.num_rows} URLs (see its log above)")
+        raise RuntimeError(
+            f"img2dataset wrote no output for {requests.num_rows} URLs (its own output shows with --verbose)"
+        )
     return pa.concat_tables(pq.read_table(path, columns=RESULT_SCHEMA.names) for path in outputs)
 
 
@@ -203,8 +205,12 @@ _NO_SIGNAL_HANDLERS = types.SimpleNamespace(SIGINT=signal.SIGINT, signal=lambda 
 
 def _img2dataset_download() -> Callable[..., None]:
     """img2dataset.download (imported on first use: the import is slow), callable from any thread, its
-    workers fetching through tasks.fetch when called inside `policy_for_downloaders`."""
+    workers fetching through tasks.fetch when called inside `policy_for_downloaders`, its output shown
+    only when the run is verbose (tasks/img2dataset_output.py)."""
+    from tasks.img2dataset_output import follow_verbosity  # imports img2dataset
+
     main = importlib.import_module("img2dataset.main")  # `img2dataset.main` the attribute is a function
+    follow_verbosity()  # its own output reaches the terminal only when the run is verbose
     main.signal = _NO_SIGNAL_HANDLERS
     main.Downloader = GuardedDownloader  # pickled to the spawned workers, where it installs the guards
     return main.download

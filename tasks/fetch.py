@@ -19,8 +19,8 @@ Each attempt gets an opener with only http(s) handlers (no ftp://, file://, data
 watched: at the URL's deadline a timer shuts their sockets down, which ends whatever read is waiting
 (connect, TLS, headers, body), and the body is read in chunks with the deadline checked between them.
 
-Standard library only at import time: the workers import this module, and img2dataset (which imports
-torch) is imported lazily.
+Standard library only at import time (rs5m.verbosity is too): the workers import this module, and
+img2dataset (which imports torch) is imported lazily.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC
 from typing import Any
+
+from rs5m.verbosity import discard_output_unless_verbose
 
 ALLOWED_SCHEMES = ("http", "https")
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -126,7 +128,9 @@ class GuardedDownloader:
 def _follow_the_parent() -> None:
     """In an img2dataset worker: ignore Ctrl-C (a terminal sends it to the whole process group; the run
     that owns this worker stops it itself, flows/run_control.py) and die with the run's process (Linux),
-    so a stopped run leaves no worker finishing a download nobody will read."""
+    so a stopped run leaves no worker finishing a download nobody will read. Its output stays off the
+    terminal unless the run is verbose (rs5m/verbosity.py)."""
+    discard_output_unless_verbose()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform == "linux":
         libc = ctypes.CDLL(None, use_errno=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -64,4 +65,7 @@ def demo_run(tmp_path_factory, prefect_server, demo_port) -> Path:
     result = rs5m("demo", "--workdir", str(workdir), "--port", str(demo_port), env=prefect_server.env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "Outputs in" in result.stdout
+    # a progress line per stage on stderr (flows/stages.py), and not img2dataset's own bar per shard
+    assert re.search(r"^download: (\d+) of \1 units \(0 reused, \1 run\)", result.stderr, re.MULTILINE)
+    assert "0it [" not in result.stderr + result.stdout
     return workdir
