@@ -1,10 +1,21 @@
-"""The released dataset: Parquet shards per split, a manifest, and an optional WebDataset copy.
+"""The released dataset: Parquet shards per split with a dataset card and a manifest, and an optional
+WebDataset copy, laid out so that each reader takes its folder as it is.
 
-WORKDIR/dataset -> releases/<release id>   the current release (a relative symlink)
+WORKDIR/release -> releases/<release id>   the current release (a relative symlink, swapped in one rename)
+WORKDIR/dataset -> release/dataset         Parquet: `datasets.load_dataset("parquet", data_dir=...)`,
+                                           `load_dataset(WORKDIR/dataset)` (the card), DuckDB, training
+WORKDIR/webdataset -> release/webdataset   WebDataset (shard.webdataset: true): open_clip_train, webdataset
 WORKDIR/releases/<release id>/
-  manifest.json                         every file below with split, rows, bytes, sha256; totals; schema
-  <split>/part-00000.parquet ...        DATASET_SCHEMA rows, in the order the plan gives them
-  webdataset/<split>/shard-00000.tar    (optional) the same samples as part-00000.parquet, same order
+  dataset/README.md                        the dataset card: its YAML `configs` name the splits' files
+  dataset/manifest.json                    every file below with split, rows, bytes, sha256; totals; schema
+  dataset/<split>/part-00000.parquet ...   DATASET_SCHEMA rows, in the order the plan gives them
+  webdataset/<split>/shard-00000.tar       the same samples as part-00000.parquet, same order
+  webdataset/<split>/sizes.json            samples per tar, which open_clip_train reads (no --train-num-samples)
+
+The tars are beside the Parquet folder, not in it: Hugging Face datasets takes every file under a folder
+named after a split as that split's data, tars included. Paths in the manifest are relative to the release
+folder, so they hold from WORKDIR too (`dataset/train/part-00000.parquet`). Splits are `train` and `val`
+(which Hugging Face names `validation`).
 
 A part holds at most `rows_per_shard` rows and at most `bytes_per_shard` bytes of images: a row whose image
 would pass the byte budget starts the next part, and an image larger than the whole budget gets a part of its
@@ -12,11 +23,12 @@ own. (The Parquet file adds the other columns, about 200 bytes a row, and its fo
 
 Commit protocol: a release is replaced as a whole. The new one is built in `releases/.building-<id>/`
 beside the current one, its manifest written last; the folder is then renamed to `releases/<release id>`
-(the id is a hash of the manifest: the same rows give the same id) and the `dataset` symlink is swapped to
-it in one rename. A reader of `WORKDIR/dataset/...` sees the old release or the new one, never a mix, and
-the old release stays in place until the new one is complete; it is deleted after the swap. A build killed
-half-way leaves a `.building-*` folder, which the next build (or `rs5m prune`) removes. Same rows in,
-byte-identical files out: no timestamps, fixed row-group sizes, fixed tar headers.
+(the id is a hash of the manifest: the same rows give the same id) and the `release` symlink is swapped to
+it in one rename (`dataset` and `webdataset` point through it). A reader of `WORKDIR/dataset/...` sees the
+old release or the new one, never a mix, and the old release stays in place until the new one is complete;
+it is deleted after the swap. A build killed half-way leaves a `.building-*` folder, which the next build
+(or `rs5m prune`) removes. Same rows in, byte-identical files out: no timestamps, fixed row-group sizes,
+fixed tar headers.
 """
 
 from __future__ import annotations
@@ -39,13 +51,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import yaml
 
-from storage.atomic import atomic_path, fsync_dir, sha256_file, write_json
+from storage.atomic import atomic_path, fsync_dir, sha256_file, write_json, write_text
 from storage.layout import Layout
 from storage.schemas import META_CAPTION_FIELDS, MODEL_CAPTION_FIELDS, RS3_METADATA_FIELDS
 
 SPLITS = ("train", "val")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: Parquet under dataset/, tars under webdataset/ with sizes.json, a dataset card
+PARQUET_FOLDER = "dataset"
+WEBDATASET_FOLDER = "webdataset"
+SIZES_FILE = "sizes.json"  # open_clip_train's name (open_clip_train.data.get_dataset_size)
+CARD_FILE = "README.md"  # where Hugging Face datasets looks for a dataset card
+MANIFEST_FILE = "manifest.json"
+HF_SPLIT_NAMES = {"train": "train", "val": "validation"}
 
 DATASET_SCHEMA = pa.schema(
     [
@@ -116,9 +135,9 @@ class DatasetPlan:
 
 @dataclass(frozen=True)
 class DatasetFile:
-    path: str  # relative to the dataset folder, "/"-separated
-    kind: str  # "parquet" or "webdataset"
-    split: str
+    path: str  # relative to the release folder (and to WORKDIR), "/"-separated
+    kind: str  # "parquet", "webdataset", "webdataset_sizes" or "card"
+    split: str | None  # None: the card, which covers both
     rows: int
     image_bytes: int
     bytes: int
@@ -143,12 +162,12 @@ class DatasetManifest:
 
 
 def dataset_dir(layout: Layout) -> Path:
-    """The current release, as readers open it (a symlink into releases/)."""
+    """The current release's Parquet dataset, as readers open it (a symlink through `release`)."""
     return layout.dataset
 
 
 def manifest_path(layout: Layout) -> Path:
-    return dataset_dir(layout) / "manifest.json"
+    return dataset_dir(layout) / MANIFEST_FILE
 
 
 def read_dataset_manifest(layout: Layout) -> DatasetManifest | None:
@@ -159,9 +178,9 @@ def read_dataset_manifest(layout: Layout) -> DatasetManifest | None:
 
 
 def current_release(layout: Layout) -> str | None:
-    """The id of the release `dataset` points at (None: no release yet)."""
+    """The id of the release `release` points at (None: no release yet)."""
     try:
-        target = os.readlink(layout.dataset)
+        target = os.readlink(layout.release)
     except (FileNotFoundError, OSError):
         return None
     return Path(target).name
@@ -183,6 +202,7 @@ def write_dataset(layout: Layout, plan: DatasetPlan) -> DatasetManifest:
         split: _SplitWriter(building, split, plan.rows_per_shard, plan.bytes_per_shard, plan.webdataset)
         for split in SPLITS
     }
+    rows_per_source: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
     try:
         for batch in plan.batches:
             batch = _conform(batch)
@@ -190,6 +210,9 @@ def write_dataset(layout: Layout, plan: DatasetPlan) -> DatasetManifest:
                 rows = batch.filter(pc.equal(batch.column("split"), split))
                 if rows.num_rows:
                     writer.add(rows)
+                    for count in pc.value_counts(rows.column("source")).to_pylist():
+                        counts = rows_per_source[split]
+                        counts[count["values"]] = counts.get(count["values"], 0) + count["counts"]
                 del rows
             del batch  # before the next batch is read: at most one batch's images are held
         for writer in writers.values():
@@ -200,10 +223,20 @@ def write_dataset(layout: Layout, plan: DatasetPlan) -> DatasetManifest:
         shutil.rmtree(building, ignore_errors=True)
         raise
     files = [f for split in SPLITS for f in writers[split].files]
+    files += [
+        _write_sizes(building, split, writers[split].files)
+        for split in SPLITS
+        if any(f.kind == "webdataset" for f in writers[split].files)
+    ]
+    totals = {
+        **_totals(files),
+        "rows_per_source": {split: dict(sorted(rows_per_source[split].items())) for split in SPLITS},
+    }
+    files.append(_write_card(building, files, totals))
     manifest = DatasetManifest(
         format_version=FORMAT_VERSION,
         files=files,
-        totals=_totals(files),
+        totals=totals,
         schema=[{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in DATASET_SCHEMA],
         sharding={
             "rows_per_shard": plan.rows_per_shard,
@@ -214,7 +247,7 @@ def write_dataset(layout: Layout, plan: DatasetPlan) -> DatasetManifest:
         },
         description=dict(plan.description),
     )
-    write_json(building / "manifest.json", manifest.to_json())
+    write_json(building / PARQUET_FOLDER / MANIFEST_FILE, manifest.to_json())
     _swap_in(layout, building, release_id(manifest))
     return manifest
 
@@ -236,10 +269,8 @@ def release_intact(root: Path, manifest: DatasetManifest) -> bool:
 def _swap_in(layout: Layout, building: Path, release: str) -> None:
     final = layout.releases / release
     if final.exists():
-        existing = (
-            json.loads((final / "manifest.json").read_text()) if (final / "manifest.json").exists() else None
-        )
-        if existing is not None and release_intact(final, DatasetManifest.from_json(existing)):
+        existing = _read_manifest(final)
+        if existing is not None and release_intact(final, existing):
             shutil.rmtree(building)  # the same release is already there, intact (a rerun)
         else:  # damaged on disk: the fresh copy replaces it
             shutil.rmtree(final)
@@ -250,14 +281,36 @@ def _swap_in(layout: Layout, building: Path, release: str) -> None:
     if layout.dataset.exists() and not layout.dataset.is_symlink():
         # a release written by an older version, in place: moved aside once, then replaced like any other
         layout.dataset.rename(layout.releases / "previous-in-place")
-    link = layout.root / f".dataset.tmp-{os.getpid()}"
-    link.unlink(missing_ok=True)
-    link.symlink_to(Path("releases") / release)
-    os.replace(link, layout.dataset)
+    _point(layout.release, Path("releases") / release)
+    # fixed links through `release` (an older version's `dataset` pointed into releases/ itself)
+    _point(layout.dataset, Path(layout.release.name) / PARQUET_FOLDER)
+    if (final / WEBDATASET_FOLDER).is_dir():
+        _point(layout.webdataset, Path(layout.release.name) / WEBDATASET_FOLDER)
+    else:
+        layout.webdataset.unlink(missing_ok=True)
     fsync_dir(layout.root)
     for other in layout.releases.iterdir():
         if other.name != release and not other.name.startswith(".building-"):
             shutil.rmtree(other)
+
+
+def _point(link: Path, target: Path) -> None:
+    """Make `link` a symlink to `target` in one rename (readers see the old target or the new one)."""
+    if link.is_symlink() and Path(os.readlink(link)) == target:
+        return
+    temporary = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(target)
+    os.replace(temporary, link)
+
+
+def _read_manifest(release_dir: Path) -> DatasetManifest | None:
+    try:
+        return DatasetManifest.from_json(
+            json.loads((release_dir / PARQUET_FOLDER / MANIFEST_FILE).read_text())
+        )
+    except (FileNotFoundError, json.JSONDecodeError, TypeError):
+        return None
 
 
 def _conform(batch: pa.Table) -> pa.Table:
@@ -272,14 +325,15 @@ def _conform(batch: pa.Table) -> pa.Table:
 
 def _totals(files: list[DatasetFile]) -> dict[str, Any]:
     parquet = [f for f in files if f.kind == "parquet"]
+    tars = [f for f in files if f.kind == "webdataset"]
     return {
         "rows": sum(f.rows for f in parquet),
         "rows_per_split": {split: sum(f.rows for f in parquet if f.split == split) for split in SPLITS},
         "image_bytes": sum(f.image_bytes for f in parquet),
         "parquet_files": len(parquet),
         "parquet_bytes": sum(f.bytes for f in parquet),
-        "webdataset_files": len(files) - len(parquet),
-        "webdataset_bytes": sum(f.bytes for f in files if f.kind == "webdataset"),
+        "webdataset_files": len(tars),
+        "webdataset_bytes": sum(f.bytes for f in tars),
     }
 
 
@@ -308,9 +362,9 @@ class _Part:
         self.split = split
         self.rows = 0
         self.image_bytes = 0
-        self.paths = {"parquet": Path(split) / f"part-{index:05d}.parquet"}
+        self.paths = {"parquet": Path(PARQUET_FOLDER) / split / f"part-{index:05d}.parquet"}
         if webdataset:
-            self.paths["webdataset"] = Path("webdataset") / split / f"shard-{index:05d}.tar"
+            self.paths["webdataset"] = Path(WEBDATASET_FOLDER) / split / f"shard-{index:05d}.tar"
         self._root = root
         self._stack = ExitStack()
         self._pending: list[pa.Table] = []
@@ -430,6 +484,103 @@ class _SplitWriter:
         if self._part is not None:
             self._part.abort()
             self._part = None
+
+
+def _write_sizes(root: Path, split: str, files: list[DatasetFile]) -> DatasetFile:
+    """webdataset/<split>/sizes.json: samples per tar name, as open_clip_train reads it."""
+    sizes = {Path(f.path).name: f.rows for f in files if f.kind == "webdataset"}
+    path = Path(WEBDATASET_FOLDER) / split / SIZES_FILE
+    write_json(root / path, sizes)
+    return _described_file(root, path, "webdataset_sizes", split, sum(sizes.values()))
+
+
+def _write_card(root: Path, files: list[DatasetFile], totals: dict[str, Any]) -> DatasetFile:
+    """dataset/README.md: a Hugging Face dataset card whose `configs` name each split's Parquet files."""
+    path = Path(PARQUET_FOLDER) / CARD_FILE
+    write_text(root / path, dataset_card(files, totals))
+    return _described_file(root, path, "card", None, totals["rows"])
+
+
+def dataset_card(files: list[DatasetFile], totals: dict[str, Any]) -> str:
+    """The card's text: the same files give the same text (no dates)."""
+    splits = [s for s in SPLITS if totals["rows_per_split"][s]]
+    front = {
+        "pretty_name": "Remote-sensing image-text pairs (rs5m-pipeline release)",
+        "task_categories": ["zero-shot-image-classification", "image-to-text", "text-to-image"],
+        "configs": [
+            {
+                "config_name": "default",
+                "data_files": [{"split": HF_SPLIT_NAMES[s], "path": f"{s}/*.parquet"} for s in splits],
+            }
+        ],
+    }
+    sources = sorted({name for split in SPLITS for name in totals["rows_per_source"][split]})
+    source_rows = [
+        f"| {name} | " + " | ".join(str(totals["rows_per_source"][s].get(name, 0)) for s in SPLITS) + " |"
+        for name in sources
+    ]
+    has_tars = any(f.kind == "webdataset" for f in files)
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        "",
+        "# Remote-sensing image-text pairs",
+        "",
+        f"Built by rs5m-pipeline: {totals['rows']} image-text pairs, "
+        + ", ".join(f"{s} {totals['rows_per_split'][s]}" for s in SPLITS)
+        + " (`val` is the `validation` split). Every file, with its sha256, is listed in `manifest.json`.",
+        "",
+        "| source | " + " | ".join(SPLITS) + " |",
+        "|---|" + "---|" * len(SPLITS),
+        *source_rows,
+        "",
+        "## Loading",
+        "",
+        "```python",
+        "from datasets import Image, load_dataset",
+        'pairs = load_dataset("parquet", data_dir="WORKDIR/dataset")  # or load_dataset("WORKDIR/dataset")',
+        'pairs = pairs.cast_column("image", Image())  # the original bytes, decoded as PIL images',
+        "```",
+        "",
+        "DuckDB: `SELECT source, count(*) FROM 'WORKDIR/dataset/*/*.parquet' GROUP BY source`.",
+    ]
+    if has_tars:
+        lines += [
+            "",
+            "open_clip_train reads the WebDataset copy, whose `sizes.json` gives the sample counts: "
+            "`--train-data 'WORKDIR/webdataset/train/shard-{00000..NNNNN}.tar' --dataset-type webdataset`.",
+        ]
+    lines += [
+        "",
+        "## Columns",
+        "",
+        "`image` holds the image bytes as downloaded (never re-encoded; `image_format` names the format), "
+        "`caption` the text. The other columns say where each pair came from and why it was kept: "
+        + ", ".join(f"`{name}`" for name in DATASET_SCHEMA.names if name not in ("image", "caption"))
+        + ". RS3 rows (`subset` = rs3) add the meta caption, the ranked model captions and the image's "
+        "metadata; web rows (`subset` = pub11) leave those null.",
+        "",
+        "## Licence",
+        "",
+        "Images keep their owners' licences: each row names its `source` and its `url`. Check them before "
+        "redistributing.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _described_file(root: Path, path: Path, kind: str, split: str | None, rows: int) -> DatasetFile:
+    target = root / path
+    return DatasetFile(
+        path=path.as_posix(),
+        kind=kind,
+        split=split,
+        rows=rows,
+        image_bytes=0,
+        bytes=target.stat().st_size,
+        sha256=sha256_file(target),
+    )
 
 
 def _write_samples(tar: tarfile.TarFile, rows: pa.Table) -> None:

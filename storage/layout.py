@@ -4,7 +4,9 @@ WORKDIR/
   .rs5m.lock, .rs5m.lock.json        the writer's lock (held by the one run writing here) and who holds it
   catalog.duckdb                     DuckDB views over the Parquet below (no tables)
   runs/<run_id>.json                 one record per run: config, stages, outcome
-  dataset -> releases/<id>           the current release (a symlink, swapped in one rename)
+  release -> releases/<id>           the current release (a symlink, swapped in one rename)
+  dataset -> release/dataset         its Parquet dataset (what Hugging Face datasets, DuckDB, training read)
+  webdataset -> release/webdataset   its WebDataset tars, when the release has them (open_clip_train)
   releases/<id>/                     complete releases; releases/.building-<run>/ one being written
   <stage>/data/<shard_id>.parquet    the stage's survivors, the next stage's input
   <stage>/ledger/<shard_id>.parquet  one fate per sample that entered the stage
@@ -88,9 +90,19 @@ class Layout:
         return self.stage_dir(stage) / "scratch"
 
     @property
+    def release(self) -> Path:
+        """The current release: a symlink into releases/, swapped in one rename."""
+        return self.root / "release"
+
+    @property
     def dataset(self) -> Path:
-        """The current release: a symlink into releases/ (readers open WORKDIR/dataset/...)."""
+        """The current release's Parquet dataset (readers open WORKDIR/dataset/...), through `release`."""
         return self.root / "dataset"
+
+    @property
+    def webdataset(self) -> Path:
+        """The current release's WebDataset tars, through `release`."""
+        return self.root / "webdataset"
 
     @property
     def releases(self) -> Path:

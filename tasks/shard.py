@@ -27,6 +27,8 @@ import pyarrow.parquet as pq
 from rs5m.config import PipelineConfig, ShardConfig
 from storage.dataset import (
     DATASET_SCHEMA,
+    MANIFEST_FILE,
+    PARQUET_FOLDER,
     DatasetPlan,
     current_release,
     manifest_path,
@@ -133,7 +135,7 @@ def publish_dataset(layout: Layout, config: PipelineConfig, outcomes: dict[str, 
     files = {
         layout.relative(release_dir / f.path): {"sha256": f.sha256, "bytes": f.bytes} for f in manifest.files
     }
-    files.update(digest_files(layout, [release_dir / "manifest.json"]))
+    files.update(digest_files(layout, [release_dir / PARQUET_FOLDER / MANIFEST_FILE]))
     extra = {
         "release": release,
         "manifest": str(manifest_path(layout)),
@@ -152,7 +154,7 @@ SHARD = GlobalStage(
     name="shard",
     reasons=REASONS,
     sections=("shard",),
-    code_version="1",
+    code_version="2",  # 2: the release layout of storage/dataset.py format 2
     report=Report("remain", "kept"),
     inputs=lambda _config: ("decontaminate",),
     make_processor=lambda _config: keep_all,

@@ -94,7 +94,7 @@ def stage_outputs(root: Path, stage: str) -> dict:
         },
     }
     if stage == "shard":
-        outputs["release"] = os.readlink(root / "dataset")
+        outputs["release"] = os.readlink(root / "release")
         outputs["release_manifest"] = (root / "dataset" / "manifest.json").read_text()
     return outputs
 

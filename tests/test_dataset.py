@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -103,14 +104,15 @@ def _originals(layout: Layout) -> dict[str, bytes]:
 def _parts(layout: Layout, split: str) -> list[pa.Table]:
     manifest = read_dataset_manifest(layout)
     return [
-        pq.read_table(dataset_dir(layout) / f.path)
+        pq.read_table(layout.root / f.path)
         for f in manifest.files
         if f.kind == "parquet" and f.split == split
     ]
 
 
 def _folder_files(layout: Layout) -> set[str]:
-    root = dataset_dir(layout)
+    """The current release's files, relative to its folder (as the manifest names them)."""
+    root = layout.release.resolve()
     return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
 
 
@@ -169,13 +171,10 @@ def test_bytes_budget_is_inclusive_and_an_oversized_image_stands_alone(tmp_path:
     sizes = [1000] * 6 + [5000] + [1000] * 3
     batches = [_synthetic_rows(sizes).slice(0, 4), _synthetic_rows(sizes).slice(4)]
     manifest = write_dataset(layout, DatasetPlan(batches=batches, rows_per_shard=100, bytes_per_shard=3000))
-    assert [f.rows for f in manifest.files] == [3, 3, 1, 3]
-    assert [f.image_bytes for f in manifest.files] == [3000, 3000, 5000, 3000]
-    ids = [
-        i
-        for f in manifest.files
-        for i in pq.read_table(dataset_dir(layout) / f.path)["sample_id"].to_pylist()
-    ]
+    parts = [f for f in manifest.files if f.kind == "parquet"]
+    assert [f.rows for f in parts] == [3, 3, 1, 3]
+    assert [f.image_bytes for f in parts] == [3000, 3000, 5000, 3000]
+    ids = [i for f in parts for i in pq.read_table(layout.root / f.path)["sample_id"].to_pylist()]
     assert ids == [f"{i:04d}" for i in range(10)]
 
 
@@ -199,8 +198,8 @@ def test_manifest_matches_files_and_images_are_the_original_bytes(tmp_path: Path
     layout, tables = _fake_workdir(tmp_path)
     _publish(layout, tables, rows_per_shard=16, val_fraction=0.2)
     manifest = read_dataset_manifest(layout)
-    root = dataset_dir(layout)
-    assert _folder_files(layout) == {f.path for f in manifest.files} | {"manifest.json"}
+    root = layout.root  # manifest paths hold from the work directory as from the release folder
+    assert _folder_files(layout) == {f.path for f in manifest.files} | {"dataset/manifest.json"}
     for f in manifest.files:
         assert (f.bytes, f.sha256) == ((root / f.path).stat().st_size, sha256_file(root / f.path))
     assert manifest.totals["rows"] == sum(f.rows for f in manifest.files if f.kind == "parquet") == 90
@@ -227,10 +226,10 @@ def test_webdataset_tars_hold_the_same_samples_with_the_documented_keys(tmp_path
     layout, tables = _fake_workdir(tmp_path)
     _publish(layout, tables, rows_per_shard=16, val_fraction=0.2, webdataset=True)
     manifest = read_dataset_manifest(layout)
-    root = dataset_dir(layout)
+    root = layout.root
     parquet = [f for f in manifest.files if f.kind == "parquet"]
     tars = [f for f in manifest.files if f.kind == "webdataset"]
-    assert [f.path.replace("webdataset/", "").replace("shard-", "part-") for f in tars] == [
+    assert [f.path.replace("webdataset/", "dataset/").replace("shard-", "part-") for f in tars] == [
         f.path.replace(".parquet", ".tar") for f in parquet
     ]
     extensions = set()
@@ -266,8 +265,9 @@ def test_rerun_with_fewer_samples_removes_stale_files(tmp_path: Path) -> None:
     published = _publish(layout, fewer, rows_per_shard=8, val_fraction=0.2)
     after = _folder_files(layout)
     manifest = read_dataset_manifest(layout)
-    assert after == {f.path for f in manifest.files} | {"manifest.json"}
-    assert len(after) < len(before) and not (dataset_dir(layout) / "webdataset").exists()
+    assert after == {f.path for f in manifest.files} | {"dataset/manifest.json"}
+    assert len(after) < len(before) and not layout.webdataset.exists()
+    assert not layout.webdataset.is_symlink()  # no link left pointing at nothing
     assert sum(published["rows"].values()) == 30 == manifest.totals["rows"]
 
 
@@ -276,10 +276,9 @@ def test_same_inputs_give_byte_identical_files(tmp_path: Path) -> None:
     for name in ("first", "second"):
         layout, tables = _fake_workdir(tmp_path / name)
         _publish(layout, tables, rows_per_shard=16, bytes_per_shard=30_000, val_fraction=0.2, webdataset=True)
-        root = dataset_dir(layout)
-        digests.append({path: sha256_file(root / path) for path in _folder_files(layout)})
+        digests.append({path: sha256_file(layout.root / path) for path in _folder_files(layout)})
     _publish(layout, tables, rows_per_shard=16, bytes_per_shard=30_000, val_fraction=0.2, webdataset=True)
-    digests.append({path: sha256_file(dataset_dir(layout) / path) for path in _folder_files(layout)})
+    digests.append({path: sha256_file(layout.root / path) for path in _folder_files(layout)})
     assert digests[0] == digests[1] == digests[2]
     assert len(digests[0]) > 4
 
@@ -339,3 +338,108 @@ def test_shard_stage_keeps_every_row_and_records_the_dataset_in_its_marker(tmp_p
     assert sum(marker.extra["rows"].values()) == 90
     assert marker.extra["files"] == [f.path for f in read_dataset_manifest(layout).files]
     assert SHARD.run(layout, config, run_id="r2").skipped
+
+
+# The release as its users load it: Hugging Face datasets (both ways), open_clip_train's WebDataset loader
+# (sample counts from sizes.json) and DuckDB, each on the folder as it is.
+
+
+def test_hugging_face_datasets_loads_the_parquet_folder_and_the_card_names_the_splits(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")  # a dev dependency (pyproject.toml)
+    layout, tables = _fake_workdir(tmp_path / "work")
+    _publish(layout, tables, rows_per_shard=16, val_fraction=0.2, webdataset=True)
+    rows = read_dataset_manifest(layout).totals["rows_per_split"]
+    originals = _originals(layout)
+    cache = str(tmp_path / "hf-cache")
+    by_patterns = datasets.load_dataset("parquet", data_dir=str(layout.dataset), cache_dir=cache)
+    by_card = datasets.load_dataset(str(layout.dataset), cache_dir=cache)  # the card's `configs`
+    for loaded in (by_patterns, by_card):
+        assert {name: split.num_rows for name, split in loaded.items()} == {
+            "train": rows["train"],
+            "validation": rows["val"],
+        }
+    train = by_card["train"].cast_column("image", datasets.Image())
+    assert isinstance(train.features["image"], datasets.Image)
+    for row in train.select(range(5)):
+        original = Image.open(io.BytesIO(originals[row["sample_id"]]))
+        assert row["image"].size == original.size and row["image"].format == original.format
+
+
+def test_open_clip_train_reads_the_webdataset_with_its_sizes(tmp_path: Path) -> None:
+    import argparse
+
+    import open_clip
+    import torch
+    from open_clip_train.data import get_wds_dataset
+    from torchvision import transforms
+
+    layout, tables = _fake_workdir(tmp_path)
+    _publish(layout, tables, rows_per_shard=16, val_fraction=0.2, webdataset=True)
+    manifest = read_dataset_manifest(layout)
+    rows = manifest.totals["rows_per_split"]
+    tars = {
+        s: sorted(f.path for f in manifest.files if f.kind == "webdataset" and f.split == s) for s in rows
+    }
+    sizes = json.loads((layout.webdataset / "train" / "sizes.json").read_text())
+    assert sizes == {
+        Path(f.path).name: f.rows for f in manifest.files if f.kind == "webdataset" and f.split == "train"
+    }
+
+    def shards(split: str) -> str:  # open_clip_train's brace notation, as on its command line
+        return str(layout.webdataset / split / f"shard-{{00000..{len(tars[split]) - 1:05d}}}.tar")
+
+    args = argparse.Namespace(
+        train_data=shards("train"),
+        val_data=shards("val"),
+        train_num_samples=None,  # from sizes.json
+        val_num_samples=None,
+        train_data_upsampling_factors=None,
+        dataset_resampled=False,
+        seed=0,
+        batch_size=8,
+        workers=0,
+        world_size=1,
+    )
+    preprocess = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])
+    train = get_wds_dataset(args, preprocess, is_train=True, tokenizer=open_clip.tokenize)
+    assert train.dataloader.num_samples == -(-rows["train"] // 8) * 8  # whole batches covering the split
+    images, texts = next(iter(train.dataloader))
+    assert images.shape == (8, 3, 32, 32) and texts.dtype == torch.long
+    val = get_wds_dataset(args, preprocess, is_train=False, tokenizer=open_clip.tokenize)
+    assert sum(len(batch[0]) for batch in val.dataloader) == rows["val"]  # every sample, with image and text
+
+
+def test_duckdb_queries_the_released_parquet_in_place(tmp_path: Path) -> None:
+    import duckdb
+
+    layout, tables = _fake_workdir(tmp_path)
+    _publish(layout, tables, rows_per_shard=16, val_fraction=0.2, webdataset=True)
+    manifest = read_dataset_manifest(layout)
+    counted = duckdb.sql(
+        f"SELECT split, source, count(*) FROM read_parquet('{layout.dataset}/*/*.parquet') GROUP BY ALL"
+    ).fetchall()
+    assert {(split, source): n for split, source, n in counted} == {
+        (split, source): n
+        for split, per_source in manifest.totals["rows_per_source"].items()
+        for source, n in per_source.items()
+    }
+    card = (layout.dataset / "README.md").read_text()
+    for split, per_source in manifest.totals["rows_per_source"].items():
+        assert f"{split} {manifest.totals['rows_per_split'][split]}" in card
+        assert sum(per_source.values()) == manifest.totals["rows_per_split"][split]
+
+
+def test_a_release_of_the_older_layout_is_replaced_with_the_links_of_this_one(tmp_path: Path) -> None:
+    layout, tables = _fake_workdir(tmp_path)
+    old = layout.releases / "0123456789abcdef"  # format 1: Parquet and tars in the release folder itself
+    (old / "train").mkdir(parents=True)
+    (old / "manifest.json").write_text("{}")
+    layout.dataset.symlink_to(Path("releases") / old.name)
+    _publish(layout, tables, rows_per_shard=16, val_fraction=0.2, webdataset=True)
+    assert (
+        os.readlink(layout.dataset) == "release/dataset"
+        and os.readlink(layout.webdataset) == "release/webdataset"
+    )
+    assert os.readlink(layout.release) == f"releases/{current_release(layout)}"
+    assert [p.name for p in layout.releases.iterdir()] == [current_release(layout)]
+    assert read_dataset_manifest(layout).format_version == 2
