@@ -112,7 +112,10 @@ def workdir_lock(
             if last:
                 del _HELD[key]
         if last:
-            remove_durably(layout.lock_holder)
+            # only our own record: at interpreter exit the lock can be freed (FileLock's finalizer) before
+            # this runs, and the next holder's record be there already
+            if (read_holder(layout) or {}).get("pid") == os.getpid():
+                remove_durably(layout.lock_holder)
             held.lock.release()
 
 

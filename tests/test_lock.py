@@ -61,19 +61,21 @@ def test_a_waiting_writer_gets_the_lock_when_the_first_ends(tmp_path: Path) -> N
     layout = Layout(tmp_path)
     holder = hold_in_subprocess(tmp_path, 3)
     messages: list[str] = []
-    acquired = threading.Event()
+    holders: list[dict | None] = []
 
     def second() -> None:
         with workdir_lock(layout, "run-B", wait=True, on_wait=messages.append):
-            acquired.set()
-            assert read_holder(layout)["run_id"] == "run-B"
+            holders.append(read_holder(layout))
+            time.sleep(1)  # while the first process finishes exiting: it must not touch our record
+            holders.append(read_holder(layout))
 
     thread = threading.Thread(target=second)
     thread.start()
     thread.join(60)
     holder.wait()
-    assert acquired.is_set()
+    assert [h and h["run_id"] for h in holders] == ["run-B", "run-B"]
     assert messages and "run run-A" in messages[0]
+    assert not layout.lock_holder.exists()  # removed when run-B ended
 
 
 def test_a_killed_holder_leaves_the_lock_free_and_its_run_reads_as_interrupted(tmp_path: Path) -> None:
