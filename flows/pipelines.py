@@ -13,7 +13,7 @@ from collections.abc import Collection
 from typing import Any
 from uuid import UUID
 
-from prefect import Flow, flow
+from prefect import Flow, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.states import Failed
@@ -22,6 +22,7 @@ from flows.run_control import ActiveRun, stoppable
 from flows.stages import run_id_or_flow_run, stage_flow_for
 from rs5m.caption_quality import quality_artifact_rows
 from rs5m.config import PipelineConfig, as_pipeline_config
+from rs5m.figures import report_markdown, report_sections
 from rs5m.report import FunnelReport, funnel_markdown, funnel_table_rows, load_funnel
 from storage.layout import Layout
 from storage.lock import workdir_lock
@@ -30,12 +31,27 @@ from tasks.harness import now
 from tasks.pipeline import PIPELINES, RELEASE, Pipeline, check_config, selected_stages
 
 
+def report_markdown_for(report: FunnelReport, workdir: str) -> str:
+    """The pictures report (rs5m/figures.py); a figure that cannot be drawn leaves a line saying why, not a
+    failed run: the data is complete by now."""
+    try:
+        return report_markdown(report_sections(Layout(workdir), report), workdir)
+    except Exception as error:
+        get_run_logger().exception("the pictures report failed")
+        return f"# RS5M report\n\nThe pictures could not be made: {type(error).__name__}: {error}"
+
+
 def publish_funnel(report: FunnelReport, workdir: str) -> None:
     create_table_artifact(
         key="rs5m-funnel", table=funnel_table_rows(report), description="Funnel per stage and source"
     )
     create_markdown_artifact(
         key="rs5m-summary", markdown=funnel_markdown(report, workdir), description="Run summary"
+    )
+    create_markdown_artifact(
+        key="rs5m-report",
+        markdown=report_markdown_for(report, workdir),
+        description="Run report with pictures",
     )
     if report.eval_overlap:
         create_table_artifact(

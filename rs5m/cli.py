@@ -250,6 +250,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 2
     report = load_funnel(layout)
     print(json.dumps(report.to_json(), indent=2) if args.json else funnel_text(report))
+    if args.html:
+        from rs5m.figures import report_html, report_sections
+        from storage.atomic import write_text
+
+        write_text(Path(args.html), report_html(report_sections(layout, report), str(layout.root)))
+        # stderr: stdout stays the funnel alone (--json output stays parseable)
+        print(f"report with pictures: {args.html}", file=sys.stderr)
     return 0
 
 
@@ -359,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="print the funnel of a work directory")
     report.add_argument("workdir")
     report.add_argument("--json", action="store_true", help="machine-readable funnel")
+    report.add_argument(
+        "--html", metavar="FILE", help="also write the report with pictures as one self-contained HTML file"
+    )
     report.set_defaults(handler=cmd_report)
 
     status = commands.add_parser(

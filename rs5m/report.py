@@ -171,7 +171,7 @@ def load_funnel(layout: Layout) -> FunnelReport:
     )
 
 
-def _newest_config(records: list[dict[str, Any]], stages: list[StageFunnel], stage_names: set[str]):
+def newest_config(records: list[dict[str, Any]], stages: list[StageFunnel], stage_names: set[str]):
     """The config of the newest run that ran one of `stage_names`, if one of them is complete."""
     if not any(s.info.name in stage_names and s.status == COMPLETE for s in stages):
         return None
@@ -182,10 +182,10 @@ def _newest_config(records: list[dict[str, Any]], stages: list[StageFunnel], sta
 def _notes(records: list[dict[str, Any]], stages: list[StageFunnel]) -> list[str]:
     """Warnings about what the newest runs used: an unpretrained CLIP, the tiny random BLIP-2."""
     notes = []
-    embedded = _newest_config(records, stages, {"embed", "rs3_embed"})
+    embedded = newest_config(records, stages, {"embed", "rs3_embed"})
     if embedded is not None and embedded.get("clip", {}).get("pretrained") is None:
         notes.append(RANDOM_WEIGHTS_NOTE)
-    captioned = _newest_config(records, stages, {"rs3_caption"})
+    captioned = newest_config(records, stages, {"rs3_caption"})
     if (
         captioned is not None
         and (captioned.get("rs3") or {}).get("caption", {}).get("model") == TINY_CAPTIONER
@@ -198,7 +198,7 @@ def _long_header(stage: StageFunnel) -> str:
     return f"{stage.info.report.column} ({stage.info.name})"
 
 
-def _matrices(
+def funnel_matrices(
     report: FunnelReport, header_of: Callable[[StageFunnel], str] = _long_header
 ) -> list[tuple[str, list[str], list[list[str]]]]:
     """One table per data pipeline: its sources by its complete stages and the release's, each cell the
@@ -233,7 +233,7 @@ def funnel_text(report: FunnelReport, width: int = TEXT_WIDTH) -> str:
     if not report.complete:
         lines.append("No stage has completed yet.")
     else:
-        for pipeline, header, rows in _matrices(report, lambda stage: stage.info.name):
+        for pipeline, header, rows in funnel_matrices(report, lambda stage: stage.info.name):
             lines += wrapped(
                 f"{pipeline}: sources by stage, each cell the count RS5M's tables report for the stage "
                 "(which count: below)",
@@ -302,7 +302,7 @@ def _overlap(report: FunnelReport) -> str:
 
 def funnel_markdown(report: FunnelReport, workdir: str) -> str:
     lines = [f"# RS5M funnel\n\nWork directory: `{workdir}`\n"]
-    for pipeline, header, rows in _matrices(report):
+    for pipeline, header, rows in funnel_matrices(report):
         lines.append(f"\n## {pipeline}\n")
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
