@@ -53,15 +53,14 @@ from transformers import (
     LogitsProcessorList,
 )
 
+from models.placement import TORCH_DTYPES, DeviceChoice, Precision, check_placement, resolve_device
+
 TINY = "blip2-tiny"
 TINY_DIR = Path(__file__).resolve().parent / "configs" / TINY
 
-Precision = Literal["fp32", "bf16", "fp16"]
-DeviceChoice = Literal["auto", "cpu", "cuda"]
 Progress = Callable[[int], None]
 ImageInput = Image.Image | bytes
 
-_TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # what a checkpoint folder needs; the .bin duplicates that many hub repos also hold are never downloaded
 _CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
 _WEIGHT_FILES = (
@@ -99,10 +98,7 @@ class CaptionerSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.precision not in _TORCH_DTYPES:
-            raise ValueError(f"precision must be one of {sorted(_TORCH_DTYPES)}, got {self.precision!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        check_placement(self.precision, self.device)
 
     def identity(self) -> str:
         """What decides the captions apart from the decoding options, for stage fingerprints: the weights
@@ -120,9 +116,7 @@ class CaptionerSpec:
         return ";".join(parts)
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -350,7 +344,7 @@ def load_captioner(spec: CaptionerSpec) -> Captioner:
     merged. "blip2-tiny" is initialised from the shipped config under torch.manual_seed(spec.seed) (the global
     generator is restored afterwards); other models load with from_pretrained. Everything after that is shared."""
     ensure_loadable(spec)
-    dtype = _TORCH_DTYPES[spec.precision]
+    dtype = TORCH_DTYPES[spec.precision]
     if spec.model == TINY:
         folder = TINY_DIR
         with torch.random.fork_rng(devices=[]):

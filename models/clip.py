@@ -58,12 +58,12 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
+from models.placement import TORCH_DTYPES, DeviceChoice, Precision, check_placement, resolve_device
+
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-Precision = Literal["fp32", "bf16", "fp16"]
-DeviceChoice = Literal["auto", "cpu", "cuda"]
 Decoder = Literal["auto", "pil", "torchvision"]
 # Views of an image encode_images can embed besides the image itself. They are applied to the preprocessed
 # square (resize of the short side, centre crop, normalise), which equals preprocessing the rotated or flipped
@@ -71,7 +71,6 @@ Decoder = Literal["auto", "pil", "torchvision"]
 ImageView = Literal["rot0", "rot90", "rot180", "rot270", "hflip", "vflip"]
 ROTATIONS: tuple[ImageView, ...] = ("rot0", "rot90", "rot180", "rot270")
 
-_TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 Progress = Callable[[int], None]
@@ -129,10 +128,7 @@ class ClipSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.precision not in _TORCH_DTYPES:
-            raise ValueError(f"precision must be one of {sorted(_TORCH_DTYPES)}, got {self.precision!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        check_placement(self.precision, self.device)
 
     @property
     def source(self) -> Literal["random", "checkpoint", "hub"]:
@@ -160,9 +156,7 @@ class ClipSpec:
         return f"{self.model}:random-init:{self.seed}:config-sha256:{_config_sha256(self.model)}"
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
 
 def _config_sha256(model: str) -> str:
@@ -659,7 +653,7 @@ class ClipEncoder:
         self.tokenizer = tokenizer
         self.device = device
         self.num_workers = num_workers
-        self.dtype = _TORCH_DTYPES[spec.precision]
+        self.dtype = TORCH_DTYPES[spec.precision]
         self.preprocess_cfg = PreprocessCfg(**model.visual.preprocess_cfg)
         if decoder == "torchvision" and not tensor_preprocess_supported(self.preprocess_cfg):
             logger.info("%s has no tensor path: decoding with PIL", self.preprocess_cfg)
