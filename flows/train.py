@@ -28,6 +28,7 @@ from flows.evaluate import result_rows
 from rs5m.config import EvalConfig, PipelineConfig, as_pipeline_config
 from rs5m.eval_cli import EvalRequest, json_safe, run_evaluation
 from storage.atomic import write_json, write_text
+from storage.layout import TrainLayout
 
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) ")
 PROGRESS_EVERY_S = 5.0  # progress artifact updates (one API call each) at most this often
@@ -39,8 +40,6 @@ class TrainingFailedError(RuntimeError):
 
 
 def _run_folder(config: PipelineConfig) -> Path:
-    from models.train import TrainLayout
-
     return TrainLayout(Path(config.workdir).resolve(), config.train.run_name).root
 
 

@@ -97,6 +97,7 @@ from models.clip import (
 )
 from rs5m.train_config import TrainConfig
 from storage.atomic import atomic_path, remove_temporaries, write_json, write_text
+from storage.layout import TrainLayout
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Set by `launch` for the processes it starts: they end themselves (their whole process group) when the
@@ -108,7 +109,6 @@ STATE_FORMAT = 1
 ROW_GROUP_CACHE_BYTES = 512 << 20
 # Tags that keep the shuffling and the augmentation streams of one seed apart.
 _SHUFFLE_STREAM, _AUGMENT_STREAM = 1, 2
-_CHECKPOINT = re.compile(r"^step-(\d{6,})\.state\.pt$")
 _LORA_MODULE_TYPES = (nn.Linear, nn.MultiheadAttention)
 
 StepCallback = Callable[[dict[str, Any]], None]
@@ -117,56 +117,6 @@ StepCallback = Callable[[dict[str, Any]], None]
 class TrainingInputError(ValueError):
     """Training cannot start with these inputs (data, model, device, an earlier run under the same name); the
     message is one line that says what and where."""
-
-
-@dataclass(frozen=True)
-class TrainLayout:
-    """Where a run's files live: WORKDIR/train/<run_name>/ (see the module docstring)."""
-
-    workdir: Path
-    run_name: str
-
-    @property
-    def root(self) -> Path:
-        return self.workdir / "train" / self.run_name
-
-    @property
-    def run_record(self) -> Path:
-        return self.root / "run.json"
-
-    @property
-    def launch_config(self) -> Path:
-        return self.root / "launch.json"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def lock(self) -> Path:
-        return self.root / ".train.lock"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    def weights(self, step: int) -> Path:
-        return self.checkpoints / f"step-{step:06d}.pt"
-
-    def state(self, step: int) -> Path:
-        return self.checkpoints / f"step-{step:06d}.state.pt"
-
-    @property
-    def final(self) -> Path:
-        return self.checkpoints / "final.pt"
-
-    def latest_checkpoint(self) -> int | None:
-        """The step of the newest complete checkpoint (state file and weights both there), None if none."""
-        if not self.checkpoints.is_dir():
-            return None
-        steps = [int(m.group(1)) for p in self.checkpoints.iterdir() if (m := _CHECKPOINT.match(p.name))]
-        complete = [step for step in steps if self.weights(step).is_file()]
-        return max(complete, default=None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

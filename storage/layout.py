@@ -16,10 +16,12 @@ WORKDIR/
   <stage>/scratch/<shard_id>/        working space of an unfinished shard (download), wiped on reuse
   cache/eval/<name>-<key>.npz        an eval set's perceptual hashes and embeddings (decontaminate)
   detectors/<name>.json              linear-probe RS detectors trained by `rs5m train-detector`
+  train/<run_name>/                  a training run (TrainLayout): run record, metrics, checkpoints
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,3 +129,57 @@ class Layout:
 
     def demo_sources(self) -> Path:
         return self.root / "demo_sources"
+
+
+_CHECKPOINT = re.compile(r"^step-(\d{6,})\.state\.pt$")
+
+
+@dataclass(frozen=True)
+class TrainLayout:
+    """Where a training run's files live: WORKDIR/train/<run_name>/ (models/train.py's docstring says what
+    each is)."""
+
+    workdir: Path
+    run_name: str
+
+    @property
+    def root(self) -> Path:
+        return self.workdir / "train" / self.run_name
+
+    @property
+    def run_record(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def launch_config(self) -> Path:
+        return self.root / "launch.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".train.lock"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def weights(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:06d}.pt"
+
+    def state(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:06d}.state.pt"
+
+    @property
+    def final(self) -> Path:
+        return self.checkpoints / "final.pt"
+
+    def latest_checkpoint(self) -> int | None:
+        """The step of the newest complete checkpoint (state file and weights both there), None if none."""
+        if not self.checkpoints.is_dir():
+            return None
+        steps = [int(m.group(1)) for p in self.checkpoints.iterdir() if (m := _CHECKPOINT.match(p.name))]
+        complete = [step for step in steps if self.weights(step).is_file()]
+        return max(complete, default=None)

@@ -30,7 +30,6 @@ import models.train as train_module
 from models.clip import register_project_configs
 from models.train import (
     TrainingInputError,
-    TrainLayout,
     check_training_inputs,
     launch,
     lora_target_pattern,
@@ -40,6 +39,7 @@ from models.train import (
 )
 from rs5m.config import ConfigError
 from rs5m.train_config import TrainConfig, load_train_config, parse_train_config
+from storage.layout import TrainLayout
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = "rs5m-tiny-vit"
