@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,9 +14,11 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from storage.layout import Layout
+from storage.schemas import KEYWORD_SCHEMA
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +48,22 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def keyword_shard(urls: list[str]) -> pa.Table:
+    """A keyword-stage output shard (the download stage's input) with one row per URL."""
+    n = len(urls)
+    return pa.Table.from_pydict(
+        {
+            "sample_id": [f"s{i:03d}" for i in range(n)],
+            "source": ["web"] * n,
+            "url": urls,
+            "caption": [f"satellite image {i}" for i in range(n)],
+            "extra": [json.dumps({"row": i}) for i in range(n)],
+            "matched_keyword": ["satellite"] * n,
+        },
+        schema=KEYWORD_SCHEMA,
+    )
 
 
 class PrefectServer:

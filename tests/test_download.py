@@ -5,9 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
-import json
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +20,7 @@ from rs5m.config import DownloadConfig
 from storage.schemas import DOWNLOAD_SCHEMA, KEPT, KEYWORD_SCHEMA
 from tasks import download
 from tasks.download import REASONS, download_shard, failure_reason, url_block_reason
+from tests.helpers import free_port, keyword_shard
 
 SLOW_SECONDS = (
     120.0  # far beyond the timeout (and a loaded machine's slowest run): the run must not wait for it
@@ -94,27 +93,6 @@ def server_url() -> Iterator[str]:
     server.server_close()
 
 
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _shard(urls: list[str]) -> pa.Table:
-    n = len(urls)
-    return pa.Table.from_pydict(
-        {
-            "sample_id": [f"s{i:03d}" for i in range(n)],
-            "source": ["web"] * n,
-            "url": urls,
-            "caption": [f"satellite image {i}" for i in range(n)],
-            "extra": [json.dumps({"row": i}) for i in range(n)],
-            "matched_keyword": ["satellite"] * n,
-        },
-        schema=KEYWORD_SCHEMA,
-    )
-
-
 def _config(**overrides: object) -> DownloadConfig:
     fields = {"processes": 1, "threads": 8, "timeout_s": TIMEOUT_SECONDS, "allow_private_networks": True}
     return DownloadConfig(**{**fields, **overrides})
@@ -141,8 +119,8 @@ RUN_PATHS = [
 def run(server_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One download_shard call, made from a worker thread as Prefect's task runner does."""
     urls = [server_url + path for path in RUN_PATHS]
-    urls += [f"http://127.0.0.1:{_closed_port()}/refused.jpg", "ftp://127.0.0.1/a.jpg"]
-    shard = _shard(urls)
+    urls += [f"http://127.0.0.1:{free_port()}/refused.jpg", "ftp://127.0.0.1/a.jpg"]
+    shard = keyword_shard(urls)
     scratch = tmp_path_factory.mktemp("download-scratch")
     sigint_before = signal.getsignal(signal.SIGINT)
     started = time.perf_counter()
@@ -218,7 +196,7 @@ def test_runs_outside_the_main_thread_and_leaves_sigint_alone(run: dict) -> None
 
 def test_private_hosts_are_blocked_without_starting_img2dataset(server_url: str, tmp_path: Path) -> None:
     urls = [server_url + "/a.jpg", "http://localhost/a.jpg", "http://[::1]/a.jpg", "http://10.0.0.1/a.jpg"]
-    outcome = download_shard(_shard(urls), _config(allow_private_networks=False), tmp_path)
+    outcome = download_shard(keyword_shard(urls), _config(allow_private_networks=False), tmp_path)
     assert outcome.decisions.column("reason").to_pylist() == ["blocked_url"] * 4
     assert "loopback" in outcome.decisions.column("detail")[0].as_py()
     assert outcome.kept.num_rows == 0
@@ -238,7 +216,7 @@ def test_a_row_img2dataset_did_not_report_is_recorded_not_lost(
 
     monkeypatch.setattr(download, "_run_img2dataset", reports_first_row_only)
     outcome = download_shard(
-        _shard(["http://127.0.0.1/a.jpg", "http://127.0.0.1/b.jpg"]), _config(), tmp_path
+        keyword_shard(["http://127.0.0.1/a.jpg", "http://127.0.0.1/b.jpg"]), _config(), tmp_path
     )
     assert outcome.decisions.column("reason").to_pylist() == [None, "download_error"]
     assert outcome.decisions.column("detail")[1].as_py() == download.NOT_REPORTED
@@ -246,7 +224,7 @@ def test_a_row_img2dataset_did_not_report_is_recorded_not_lost(
 
 
 def test_duplicate_sample_ids_are_refused(tmp_path: Path) -> None:
-    shard = _shard(["http://127.0.0.1/a.jpg", "http://127.0.0.1/b.jpg"])
+    shard = keyword_shard(["http://127.0.0.1/a.jpg", "http://127.0.0.1/b.jpg"])
     shard = shard.set_column(0, "sample_id", pa.array(["same", "same"], pa.string()))
     with pytest.raises(ValueError, match="duplicate sample_id"):
         download_shard(shard, _config(), tmp_path)
@@ -255,7 +233,7 @@ def test_duplicate_sample_ids_are_refused(tmp_path: Path) -> None:
 def test_a_non_empty_scratch_directory_is_refused(tmp_path: Path) -> None:
     (tmp_path / "img2dataset").mkdir()  # a finished run's output would be read back as this shard's results
     with pytest.raises(ValueError, match="not empty"):
-        download_shard(_shard(["http://127.0.0.1/a.jpg"]), _config(), tmp_path)
+        download_shard(keyword_shard(["http://127.0.0.1/a.jpg"]), _config(), tmp_path)
 
 
 @pytest.mark.parametrize(

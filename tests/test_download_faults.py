@@ -21,7 +21,6 @@ import email.utils
 import http.server
 import importlib
 import io
-import json
 import math
 import pickle
 import socket
@@ -34,14 +33,14 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 from PIL import Image
 
 from rs5m.config import DownloadConfig
-from storage.schemas import KEPT, KEYWORD_SCHEMA
+from storage.schemas import KEPT
 from tasks import fetch
 from tasks.download import download_shard, failure_reason, fetch_policy
+from tests.helpers import free_port, keyword_shard
 
 IMG2DATASET_STARTUP_S = 60.0  # img2dataset's start-up: ~4 s, 15-25 s seen on a loaded 2-core machine
 IMG2DATASET_TAIL_S = 10.0  # after the last URL: writing its parquet shard, stopping its processes
@@ -271,27 +270,6 @@ FAULTS = {
 }
 
 
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _shard(urls: list[str]) -> pa.Table:
-    n = len(urls)
-    return pa.Table.from_pydict(
-        {
-            "sample_id": [f"s{i:03d}" for i in range(n)],
-            "source": ["web"] * n,
-            "url": urls,
-            "caption": [f"satellite image {i}" for i in range(n)],
-            "extra": [json.dumps({"row": i}) for i in range(n)],
-            "matched_keyword": ["satellite"] * n,
-        },
-        schema=KEYWORD_SCHEMA,
-    )
-
-
 def run_bound_s(config: DownloadConfig, urls: int) -> float:
     """How long one download_shard call may take: start-up, every URL within its deadline, the tail."""
     rounds = math.ceil(urls / (config.threads * config.processes))
@@ -300,7 +278,7 @@ def run_bound_s(config: DownloadConfig, urls: int) -> float:
 
 def _download(urls: list[str], config: DownloadConfig, scratch: Path) -> types.SimpleNamespace:
     """download_shard from a worker thread, as Prefect runs it; fails (instead of hanging) past the bound."""
-    shard = _shard(urls)
+    shard = keyword_shard(urls)
     bound = run_bound_s(config, len(urls))
     pool = ThreadPoolExecutor(max_workers=1)
     started = time.monotonic()
@@ -405,7 +383,7 @@ def direct(
 ) -> types.SimpleNamespace:
     base = f"http://127.0.0.1:{origin.port}"
     urls = [base + path for path in DIRECT_EXPECTED]
-    urls.append(f"http://127.0.0.1:{_closed_port()}/refused.jpg")
+    urls.append(f"http://127.0.0.1:{free_port()}/refused.jpg")
     run = _download(urls, DIRECT_CONFIG, tmp_path_factory.mktemp("faults-direct"))
     run.base = base
     first, last = (f(r.at for r in origin.requests) - run.started for f in (min, max))
