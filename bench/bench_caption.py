@@ -23,35 +23,28 @@ same number of tokens: the comparison is fair, though real captions are shorter.
 
 from __future__ import annotations
 
+import _common  # noqa: F401 - the repository on sys.path, the offline environment
+
 import argparse
 import functools
 import io
-import os
-import sys
 import time
-from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
 import pyarrow as pa
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from models.blip2 import (  # noqa: E402
+from models.blip2 import (
     TINY_DIR,
     Captioner,
     CaptionerSpec,
     Decoding,
     load_captioner,
 )
-from models.clip import ClipSpec, load_clip  # noqa: E402
-from rs5m.config import CaptionConfig  # noqa: E402
-from tasks.rs3_caption import Captioning, caption_shard, decoding, rank, views  # noqa: E402
+from models.clip import ClipSpec, load_clip
+from rs5m.config import CaptionConfig
+from tasks.rs3_caption import Captioning, caption_shard, decoding, rank, views
 
 
 def images(count: int, side: int) -> list[bytes]:

@@ -14,8 +14,9 @@ folder given by --dir (default: a temporary folder; put it on the disk you care 
 
 from __future__ import annotations
 
+import _common  # noqa: F401 - the repository on sys.path, the offline environment
+
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,14 +24,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import storage.atomic  # noqa: E402
-from storage.layout import Layout  # noqa: E402
-from storage.markers import Marker, current_marker, write_marker  # noqa: E402
-from tasks.harness import commit_shard  # noqa: E402
-from tasks.stage import ShardOutcome, decisions  # noqa: E402
+import storage.atomic
+from storage.layout import Layout
+from storage.markers import Marker, current_marker, write_marker
+from tasks.harness import commit_shard
+from tasks.stage import ShardOutcome, decisions
 
 
 def shard(rows: int, rng: np.random.Generator) -> ShardOutcome:

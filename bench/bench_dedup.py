@@ -26,6 +26,8 @@ the hashes and a 1000-row warm-up join, per row) plus ~BYTES_PER_PAIR per found 
 
 from __future__ import annotations
 
+import _common  # noqa: F401 - the repository on sys.path, the offline environment
+
 import argparse
 import json
 import math
@@ -34,15 +36,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from models.near_duplicates import embedding_neighbours, group_by_keeper, planted_groups  # noqa: E402
-from models.perceptual_hash import (  # noqa: E402
+from models.near_duplicates import embedding_neighbours, group_by_keeper, planted_groups
+from models.perceptual_hash import (
     DEFAULT_MAX_DISTANCE,
     FLAT_MAX_ROWS,
     HASH_BITS,

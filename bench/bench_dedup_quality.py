@@ -15,26 +15,22 @@ bits) is computed here in the same process, with the same sign-bit construction.
 
 from __future__ import annotations
 
+from _common import SHARED_DATA  # first: sys.path and the offline environment
+
 import argparse
 import io
 import math
 import sys
 import time
-from pathlib import Path
 
 import faiss
 import numpy as np
 import tifffile
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from models import perceptual_hash  # noqa: E402
-from tasks.rs3.bigearthnet import rgb_composite  # noqa: E402
-from tests.test_perceptual_hash import COPIES, _jpeg  # noqa: E402  (the copies the test requires rates of)
-
-DATA = REPO.parent / "shared" / "data"
+from models import perceptual_hash
+from tasks.rs3.bigearthnet import rgb_composite
+from tests.test_perceptual_hash import COPIES, _jpeg  # the copies the test requires rates of
 
 
 class DctHash:
@@ -101,14 +97,15 @@ class DctHash:
 def originals() -> dict[str, list[Image.Image]]:
     sets: dict[str, list[Image.Image]] = {
         "RSSCN7": [
-            Image.open(p).convert("RGB") for p in sorted((DATA / "rsscn7" / "images").glob("*/*.jpg"))
+            Image.open(p).convert("RGB") for p in sorted((SHARED_DATA / "rsscn7" / "images").glob("*/*.jpg"))
         ],
         "UC Merced": [
-            Image.open(p).convert("RGB") for p in sorted((DATA / "ucm_captions" / "images").rglob("*.tif"))
+            Image.open(p).convert("RGB")
+            for p in sorted((SHARED_DATA / "ucm_captions" / "images").rglob("*.tif"))
         ],
     }
-    patches = sorted((DATA / "rs3_formats" / "bigearthnet").glob("v1/*/*/")) + sorted(
-        (DATA / "rs3_formats" / "bigearthnet").glob("v2/BigEarthNet-S2/*/*/")
+    patches = sorted((SHARED_DATA / "rs3_formats" / "bigearthnet").glob("v1/*/*/")) + sorted(
+        (SHARED_DATA / "rs3_formats" / "bigearthnet").glob("v2/BigEarthNet-S2/*/*/")
     )
     bigearthnet = []
     for folder in patches:
@@ -118,7 +115,7 @@ def originals() -> dict[str, list[Image.Image]]:
             bigearthnet.append(Image.open(io.BytesIO(rgb)).convert("RGB"))
     sets["BigEarthNet RGB"] = bigearthnet
     if not any(sets.values()):
-        sys.exit(f"bench_dedup_quality: no images under {DATA} (needs ../shared/data)")
+        sys.exit(f"bench_dedup_quality: no images under {SHARED_DATA} (needs ../shared/data)")
     return sets
 
 

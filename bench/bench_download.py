@@ -21,6 +21,8 @@ a log file unless --verbose.
 
 from __future__ import annotations
 
+import _common  # noqa: F401 - the repository on sys.path, the offline environment
+
 import argparse
 import contextlib
 import io
@@ -43,17 +45,6 @@ if TYPE_CHECKING:
     from rs5m.config import DownloadConfig
     from storage.layout import Layout
 
-# Set before img2dataset is imported anywhere: its worker processes inherit the environment.
-for _name, _value in {
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-    "WANDB_MODE": "disabled",
-    "HF_HUB_OFFLINE": "1",
-    "DO_NOT_TRACK": "1",
-}.items():
-    os.environ.setdefault(_name, _value)
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 # The heavy imports (pyarrow, prefect via tasks.download, img2dataset) live inside the functions: img2dataset
 # spawns its workers, and a spawned worker re-imports this file as its main module.

@@ -21,18 +21,16 @@ with --device cuda --precision bf16 and compare with STACK_NOTES (PIL DataLoader
 
 from __future__ import annotations
 
+from _common import SHARED_DATA  # first: sys.path and the offline environment
+
 import argparse
 import io
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-RSSCN7 = REPO.parent / "shared" / "data" / "rsscn7" / "images"
+RSSCN7 = SHARED_DATA / "rsscn7" / "images"
 
 
 def jpeg_bytes(count: int) -> list[bytes]:

@@ -27,28 +27,22 @@ bench_train.py).
 
 from __future__ import annotations
 
+from _common import synchronize  # first: sys.path and the offline environment
+
 import argparse
 import io
 import math
-import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from models.clip import ClipSpec, load_clip  # noqa: E402
-from models.evaluation import (  # noqa: E402
+from models.clip import ClipSpec, load_clip
+from models.evaluation import (
     _encode_image_files,
     evaluate,
     fill_template,
@@ -85,11 +79,6 @@ def write_class_folders(root: Path, classes: int, per_class: int, side: int) -> 
             Image.fromarray(np.clip(big + grain, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
             (folder / f"{index:05d}.jpg").write_bytes(buffer.getvalue())
     return names
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:

@@ -19,6 +19,8 @@ and, on the captions the stage wrote, keyword filter_shard per ingest shard. Med
 
 from __future__ import annotations
 
+from _common import SHARED_DATA  # first: sys.path and the offline environment
+
 import argparse
 import cProfile
 import pstats
@@ -34,15 +36,12 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from rs5m.config import IngestConfig, KeywordConfig, SourceConfig
+from storage.layout import Layout
+from tasks.ingest import SourceIngester, ingest_source_shards
+from tasks.keyword import KeywordMatcher, filter_shard
 
-from rs5m.config import IngestConfig, KeywordConfig, SourceConfig  # noqa: E402
-from storage.layout import Layout  # noqa: E402
-from tasks.ingest import SourceIngester, ingest_source_shards  # noqa: E402
-from tasks.keyword import KeywordMatcher, filter_shard  # noqa: E402
-
-DATA = REPO.parent / "shared" / "data" / "web_captions"
+DATA = SHARED_DATA / "web_captions"
 CC3M_TSV = DATA / "Validation_GCC-1.1.0-Validation.tsv"
 COLUMNS = ["caption", "url"]
 

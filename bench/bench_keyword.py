@@ -15,25 +15,23 @@ c/a and d/a are the matcher's and the stage's speed relative to the bare pass of
 
 from __future__ import annotations
 
+from _common import SHARED_DATA  # first: sys.path and the offline environment
+
 import argparse
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from rs5m.config import KeywordConfig
+from storage.schemas import INGEST_SCHEMA
+from tasks.keyword import KeywordMatcher, filter_shard
 
-from rs5m.config import KeywordConfig  # noqa: E402
-from storage.schemas import INGEST_SCHEMA  # noqa: E402
-from tasks.keyword import KeywordMatcher, filter_shard  # noqa: E402
-
-DATA = REPO.parent / "shared" / "data" / "web_captions"
+DATA = SHARED_DATA / "web_captions"
 CC3M_TSV = DATA / "Validation_GCC-1.1.0-Validation.tsv"
 LAION_PARQUET = DATA / "img2dataset_test_10000.parquet"
 PATTERN_13 = (

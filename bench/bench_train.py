@@ -35,6 +35,8 @@ step waits on threads that are descheduled, and step times of the same loop vari
 
 from __future__ import annotations
 
+from _common import SHARED_DATA, synchronize  # first: sys.path and the offline environment
+
 import argparse
 import contextlib
 import io
@@ -42,13 +44,9 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
 import open_clip
@@ -60,12 +58,8 @@ from open_clip_train.precision import get_autocast
 from open_clip_train.scheduler import cosine_lr
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-RSSCN7 = REPO.parent / "shared" / "data" / "rsscn7" / "images"
-
-from models.clip import register_project_configs  # noqa: E402
-from models.train import (  # noqa: E402
+from models.clip import register_project_configs
+from models.train import (
     DataOrder,
     StepBatches,
     _param_groups,
@@ -74,8 +68,10 @@ from models.train import (  # noqa: E402
     read_pairs,
     train,
 )
-from rs5m.train_config import TrainConfig  # noqa: E402
-from storage.dataset import ROW_GROUP_ROWS  # noqa: E402
+from rs5m.train_config import TrainConfig
+from storage.dataset import ROW_GROUP_ROWS
+
+RSSCN7 = SHARED_DATA / "rsscn7" / "images"
 
 
 def jpeg_pairs(count: int, side: int) -> tuple[list[bytes], list[str], str]:
@@ -111,11 +107,6 @@ def write_release(root: Path, images: list[bytes], captions: list[str]) -> Path:
         use_dictionary=False,
     )
     return root / "dataset"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:

@@ -17,20 +17,16 @@ Without CUDA (and without --cpu-smoke) it prints why and exits 0 without measuri
 
 from __future__ import annotations
 
+import _common  # noqa: F401 - the repository on sys.path, the offline environment
+
 import argparse
 import io
 import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def synthetic_jpegs(count: int, size: int, seed: int = 0) -> list[bytes]:
