@@ -31,7 +31,7 @@ from PIL import Image
 from rs5m.config import FilterConfig
 from rs5m.report import FunnelReport, funnel_matrices, newest_config
 from storage.catalog import open_catalog
-from storage.layout import Layout
+from storage.layout import Layout, TrainLayout
 from storage.runs import read_run_records
 from tasks.pipeline import DATA_PIPELINES, PIPELINE_OF
 
@@ -440,9 +440,6 @@ def _rs3_places_section(con: duckdb.DuckDBPyConnection) -> Section | None:
     return section
 
 
-TRAIN_FOLDER = "train"  # models/train.py TrainLayout: WORKDIR/train/<run>/ (not imported: it loads torch)
-
-
 def _scorecard_table(rows: list[dict[str, Any]]) -> Table:
     """Datasets and metrics by model, in percent (as flows/train.py's scorecard_text)."""
     models = list(dict.fromkeys(row["model"] for row in rows))
@@ -467,13 +464,18 @@ def _scorecard_table(rows: list[dict[str, Any]]) -> Table:
 def training_sections(layout: Layout) -> list[Section]:
     """Per training run of the work directory: its loss curve and, once evaluated, its scorecard."""
     sections = []
-    for metrics_file in sorted((layout.root / TRAIN_FOLDER).glob("*/metrics.jsonl")):
-        run = metrics_file.parent
-        metrics = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    runs_folder = TrainLayout(layout.root, "").root  # WORKDIR/train/, one folder per run
+    for name in sorted(p.name for p in runs_folder.glob("*/")):
+        run = TrainLayout(layout.root, name)
+        metrics = (
+            [json.loads(line) for line in run.metrics.read_text().splitlines() if line.strip()]
+            if run.metrics.is_file()
+            else []
+        )
         if not metrics:
             continue
-        section = Section(f"Training {run.name}", [Picture("loss curve", loss_chart(metrics, run.name))])
-        scorecard = run / "scorecard.json"
+        section = Section(f"Training {name}", [Picture("loss curve", loss_chart(metrics, name))])
+        scorecard = run.root / "scorecard.json"  # written by flows/train.py's evaluate_run
         if scorecard.exists():
             section.blocks += [
                 "Scorecard (percent; base is the model before training):",
