@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # the browser test (tests/test_ui_report.py) needs Debian's chromium: installed when missing, if apt-get is
-# here and we are root; a failed install only prints a line (the test then skips, or fails under CI=true)
+# here and we are root; a failed install only prints a line (the test then skips, saying why)
 setup: $(STAMP)
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
