@@ -22,10 +22,9 @@ import flows.stages
 from flows.stages import StageProgress
 from rs5m.config import DownloadConfig
 from rs5m.verbosity import VERBOSE_ENV
-from storage.schemas import KEYWORD_SCHEMA
 from tasks.download import download_shard
 from tasks.harness import ShardSummary
-from tests.helpers import rs5m
+from tests.helpers import keyword_shard, rs5m
 
 # a stage's plain line: "download: 3 of 3 units (1 reused, 2 run), 1,234 rows/s, 0.0 s"
 STAGE_LINE = r"{stage}: {n} of {n} units \({reused} reused, {ran} run\)(, [\d,]+ rows/s)?, \d+\.\d s"
@@ -131,17 +130,7 @@ def image_server() -> Iterator[str]:
 def _download_two_images(base_url: str, scratch: Path) -> pa.Table:
     """One download_shard call (one img2dataset run), from a worker thread as Prefect's task runner makes it;
     its survivors."""
-    shard = pa.Table.from_pydict(
-        {
-            "sample_id": ["s0", "s1"],
-            "source": ["web", "web"],
-            "url": [f"{base_url}/a.jpg", f"{base_url}/b.jpg"],
-            "caption": ["satellite image", "aerial view"],
-            "extra": [json.dumps({}), json.dumps({})],
-            "matched_keyword": ["satellite", "aerial"],
-        },
-        schema=KEYWORD_SCHEMA,
-    )
+    shard = keyword_shard([f"{base_url}/a.jpg", f"{base_url}/b.jpg"])
     config = DownloadConfig(processes=1, threads=2, timeout_s=10, allow_private_networks=True)
     scratch.mkdir()
     with ThreadPoolExecutor(max_workers=1) as pool:
