@@ -91,7 +91,8 @@ class PrefectServer:
                 str(self.port),
                 "--analytics-off",
             ],
-            env={**os.environ, "PREFECT_HOME": str(self.home)},
+            # the UI asks the server where the API is (/ui-settings): this port, not the default 4200
+            env={**os.environ, "PREFECT_HOME": str(self.home), "PREFECT_UI_API_URL": self.api_url},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

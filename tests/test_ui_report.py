@@ -10,12 +10,9 @@ import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
-from unittest import mock
 
 import pytest
 from PIL import Image
-
-from tests.helpers import PrefectServer, free_port
 
 pytestmark = pytest.mark.xdist_group(name="demo")  # uses the session's demo run
 BROWSER_TIMEOUT_S = 120
@@ -32,19 +29,6 @@ def chromium() -> str:
         # must not fail the whole suite; `make setup` says so in its output
         pytest.skip("chromium is not installed (`make setup` installs Debian's package when run as root)")
     return path
-
-
-@pytest.fixture(scope="module")
-def ui_server(tmp_path_factory):
-    """A server whose UI talks to its own port (the UI asks /ui-settings; the default says port 4200)."""
-    port = free_port()
-    server = PrefectServer(port=port, home=tmp_path_factory.mktemp("ui-prefect-home"))
-    with mock.patch.dict("os.environ", {"PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}):
-        server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 class _Page(HTMLParser):
@@ -110,12 +94,12 @@ def _publish(workdir: Path, api_url: str) -> tuple[str, str]:
 
 
 def test_prefect_ui_shows_the_report_pictures(
-    chromium: str, demo_run: Path, ui_server, tmp_path: Path
+    chromium: str, demo_run: Path, prefect_server, tmp_path: Path
 ) -> None:
-    artifact_id, markdown = _publish(demo_run, ui_server.api_url)
+    artifact_id, markdown = _publish(demo_run, prefect_server.api_url)
     pictures = re.findall(r"data:image/(?:png|jpeg);base64,", markdown)
     assert len(pictures) > 30, "the demo's report has charts and galleries"
-    url = f"http://127.0.0.1:{ui_server.port}/artifacts/artifact/{artifact_id}"
+    url = f"http://127.0.0.1:{prefect_server.port}/artifacts/artifact/{artifact_id}"
 
     for budget_ms in VIRTUAL_TIME_BUDGETS_MS:
         dump = _browser(chromium, tmp_path / "profile", budget_ms, "--dump-dom", url)
