@@ -201,7 +201,7 @@ def run_training(config: PipelineConfig, evaluate: bool, wait: bool = False) -> 
         state = chosen(config=config, return_state=True)
     if state.is_completed():
         if evaluate:  # on stdout: the flow's own print of it is a log line, off the terminal unless verbose
-            print(scorecard_text(state.result()))
+            print("\n" + scorecard_text(state.result()))
         return 0
     print(f"\ntraining {state.name.lower()}: {state.message}", file=sys.stderr)
     print("Checkpoints so far are kept; rerun the same command to resume.", file=sys.stderr)
