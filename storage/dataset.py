@@ -278,9 +278,13 @@ def _swap_in(layout: Layout, building: Path, release: str) -> None:
     else:
         building.rename(final)
     fsync_dir(layout.releases)
-    if layout.dataset.exists() and not layout.dataset.is_symlink():
-        # a release written by an older version, in place: moved aside once, then replaced like any other
-        layout.dataset.rename(layout.releases / "previous-in-place")
+    for link in (layout.release, layout.dataset, layout.webdataset):
+        if link.exists() and not link.is_symlink():
+            # a folder where a link belongs: a release an older version wrote in place, or a work directory
+            # copied with its links followed. Moved aside, then deleted below like any old release.
+            aside = layout.releases / f"previous-{link.name}"
+            shutil.rmtree(aside, ignore_errors=True)
+            link.rename(aside)
     _point(layout.release, Path("releases") / release)
     # fixed links through `release` (an older version's `dataset` pointed into releases/ itself)
     _point(layout.dataset, Path(layout.release.name) / PARQUET_FOLDER)

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -443,3 +444,20 @@ def test_a_release_of_the_older_layout_is_replaced_with_the_links_of_this_one(tm
     assert os.readlink(layout.release) == f"releases/{current_release(layout)}"
     assert [p.name for p in layout.releases.iterdir()] == [current_release(layout)]
     assert read_dataset_manifest(layout).format_version == 2
+
+
+def test_a_work_directory_copied_with_its_links_followed_gets_its_links_back(tmp_path: Path) -> None:
+    layout, tables = _fake_workdir(tmp_path / "original")
+    _publish(layout, tables, rows_per_shard=16, val_fraction=0.2, webdataset=True)
+    copy = Layout(tmp_path / "copy")
+    shutil.copytree(
+        layout.root, copy.root
+    )  # symlinks=False: `release`, `dataset`, `webdataset` become folders
+    assert not copy.release.is_symlink() and not copy.dataset.is_symlink()
+    fewer = {shard: table.slice(0, 10) for shard, table in tables.items()}
+    _publish(copy, fewer, rows_per_shard=16, val_fraction=0.2, webdataset=True)
+    assert all(link.is_symlink() for link in (copy.release, copy.dataset, copy.webdataset))
+    assert [p.name for p in copy.releases.iterdir()] == [current_release(copy)]
+    assert read_dataset_manifest(copy).totals["rows"] == sum(
+        f.rows for f in read_dataset_manifest(copy).files if f.kind == "parquet"
+    )
