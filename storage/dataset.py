@@ -427,15 +427,7 @@ class _Part:
         self._flush_row_group()
         self._stack.close()  # closes the writers, then renames each temporary into place
         return [
-            DatasetFile(
-                path=path.as_posix(),
-                kind=kind,
-                split=self.split,
-                rows=self.rows,
-                image_bytes=self.image_bytes,
-                bytes=(self._root / path).stat().st_size,
-                sha256=sha256_file(self._root / path),
-            )
+            _described_file(self._root, path, kind, self.split, self.rows, self.image_bytes)
             for kind, path in self.paths.items()
         ]
 
@@ -574,14 +566,17 @@ def dataset_card(files: list[DatasetFile], totals: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _described_file(root: Path, path: Path, kind: str, split: str | None, rows: int) -> DatasetFile:
+def _described_file(
+    root: Path, path: Path, kind: str, split: str | None, rows: int, image_bytes: int = 0
+) -> DatasetFile:
+    """The manifest's entry for a written file: its size and sha256 read back from disk."""
     target = root / path
     return DatasetFile(
         path=path.as_posix(),
         kind=kind,
         split=split,
         rows=rows,
-        image_bytes=0,
+        image_bytes=image_bytes,
         bytes=target.stat().st_size,
         sha256=sha256_file(target),
     )
