@@ -23,6 +23,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 TEMPORARY_INFIX = ".tmp-"
+# The mode open() would give a new file: mkstemp makes it owner-only, and a released dataset, a report or a
+# manifest would then be unreadable to the other people who share the work directory.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+NEW_FILE_MODE = 0o666 & ~_UMASK
 
 
 class DiskFullError(OSError):
@@ -64,7 +69,10 @@ def atomic_path(target: Path) -> Iterator[Path]:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}{TEMPORARY_INFIX}", dir=target.parent)
     except OSError as error:
         raise _described(error, target) from error
-    os.close(fd)
+    try:
+        os.fchmod(fd, NEW_FILE_MODE)
+    finally:
+        os.close(fd)
     tmp = Path(tmp_name)
     try:
         try:

@@ -303,3 +303,11 @@ def test_an_ingest_rewritten_under_another_config_never_keeps_the_old_marker(tmp
     assert read_marker(layout, "ingest", "web") is None  # ...and X's marker is gone
     assert not ingest_source_shards(layout, source, IngestConfig(shard_rows=10), "r3").skipped
     assert pq.read_table(layout.data("ingest", "web-00000")).equals(first)
+
+
+def test_files_written_atomically_get_the_mode_a_plain_open_would(tmp_path: Path) -> None:
+    from storage.atomic import write_text
+
+    write_text(tmp_path / "atomic.txt", "x")
+    (tmp_path / "plain.txt").write_text("x")
+    assert (tmp_path / "atomic.txt").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode
