@@ -2,12 +2,13 @@
 
 Builds a column of --rows real captions by repeating the CC3M validation TSV and the img2dataset LAION-style
 parquet from ../shared/data/web_captions (relative to the repository root), then times in one process, best
-of --repeats (the cases take turns):
+of --repeats (the cases take turns), and the median of the turns' own ratios:
   (a) one bare pc.match_substring_regex with the matcher's own keyword alternation (its prefilter pattern),
   (b) one bare pc.match_substring_regex with a 13-keyword pattern,
   (c) KeywordMatcher.match,
   (d) filter_shard on an INGEST_SCHEMA table holding the column,
-with the shipped keyword and exclusion lists of --lists (default rs-v2; places: the default).
+with the shipped keyword list --lists (default: the config's), the exclusion list of the same version where one
+is shipped (rs-v1) or else the default, and the default places.
 c/a and d/a are the matcher's and the stage's speed relative to the bare pass of their own prefilter pattern.
 
     .venv/bin/python bench/bench_keyword.py --rows 2000000 [--lists rs-v1]
@@ -18,6 +19,7 @@ from __future__ import annotations
 from _common import SHARED_DATA  # first: sys.path and the offline environment
 
 import argparse
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -29,7 +31,7 @@ import pyarrow.parquet as pq
 
 from rs5m.config import KeywordConfig
 from storage.schemas import INGEST_SCHEMA
-from tasks.keyword import KeywordMatcher, filter_shard
+from tasks.keyword import KeywordMatcher, filter_shard, resolve_list
 
 DATA = SHARED_DATA / "web_captions"
 CC3M_TSV = DATA / "Validation_GCC-1.1.0-Validation.tsv"
@@ -66,15 +68,26 @@ def repeat_to(array: pa.Array, rows: int) -> pa.Array:
     return pa.concat_arrays([array] * copies).slice(0, rows)
 
 
-def best_of(repeats: int, cases: dict[str, Callable[[], object]]) -> dict[str, float]:
-    """Each case's best time; the cases take turns, so a busy spell on the machine slows all of them."""
-    best = dict.fromkeys(cases, float("inf"))
+def timed_turns(repeats: int, cases: dict[str, Callable[[], object]]) -> dict[str, list[float]]:
+    """Each case's time in every turn; the cases take turns, so a busy spell on the machine slows all of
+    the cases of that turn alike."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
         for name, run in cases.items():
             start = time.perf_counter()
             run()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def lists_config(version: str) -> KeywordConfig:
+    """The keyword config of a shipped keyword list version: rs-v1 has exclusions of its own, later versions
+    keep the default exclusions (rs-v3 changed only the keywords)."""
+    try:
+        resolve_list(version, "exclusions")
+    except ValueError:
+        return KeywordConfig(keywords=version)
+    return KeywordConfig(keywords=version, exclusions=version)
 
 
 def main() -> None:
@@ -85,7 +98,12 @@ def main() -> None:
         "--rows", type=int, default=2_000_000, help="caption rows to build (default 2,000,000)"
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case; the best counts")
-    parser.add_argument("--lists", default="rs-v2", help="shipped list version (default rs-v2)")
+    parser.add_argument(
+        "--lists",
+        default=KeywordConfig().keywords,
+        help=f"shipped keyword list version (default {KeywordConfig().keywords}); its exclusions: the version of "
+        "the same name where one is shipped (rs-v1), else the default",
+    )
     args = parser.parse_args()
 
     captions, urls = real_captions()
@@ -100,7 +118,7 @@ def main() -> None:
         },
         schema=INGEST_SCHEMA,
     )
-    matcher = KeywordMatcher.from_config(KeywordConfig(keywords=args.lists, exclusions=args.lists))
+    matcher = KeywordMatcher.from_config(lists_config(args.lists))
     keyword, _ = matcher.match(column)
     print(
         f"{args.lists}: {args.rows:,} rows from {len(captions):,} real captions; "
@@ -117,14 +135,19 @@ def main() -> None:
         "c KeywordMatcher.match": lambda: matcher.match(column),
         "d filter_shard": lambda: filter_shard(table, matcher),
     }
-    rate = {}
-    for name, seconds in best_of(args.repeats, cases).items():
-        rate[name[0]] = args.rows / seconds
-        print(f"{name:34s} {seconds:8.3f} s  {rate[name[0]] / 1e6:7.2f} M rows/s")
-    print(
-        f"c/a {rate['c'] / rate['a']:.2f}   d/a {rate['d'] / rate['a']:.2f}   "
-        f"c/b {rate['c'] / rate['b']:.2f}   d/b {rate['d'] / rate['b']:.2f}"
-    )
+    times = {name[0]: seconds for name, seconds in timed_turns(args.repeats, cases).items()}
+    for name in cases:
+        best = min(times[name[0]])
+        print(f"{name:34s} {best:8.3f} s  {args.rows / best / 1e6:7.2f} M rows/s (best of {args.repeats})")
+
+    def speed(case: str, baseline: str) -> str:
+        """Relative speed from the best times, and the median of the turns' own ratios (steadier when the
+        machine is busy: both times of a turn come from the same few seconds)."""
+        best = min(times[baseline]) / min(times[case])
+        per_turn = statistics.median(b / c for b, c in zip(times[baseline], times[case], strict=True))
+        return f"{case}/{baseline} {best:.2f} (median of turns {per_turn:.2f})"
+
+    print("   ".join(speed(case, baseline) for case, baseline in ("ca", "da", "cb", "db")))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ completes without it, the run ends Failed naming it, and a rerun picks it up.
 
 from __future__ import annotations
 
-import sys
-import time
 from typing import Any, TextIO
 from uuid import UUID
 
@@ -21,12 +19,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from flows.progress_line import ProgressLine
 from flows.run_control import entered_stage
 from rs5m.config import PipelineConfig
-from rs5m.verbosity import is_verbose
 from storage.catalog import COMPLETE, stage_states
 from storage.layout import Layout
 from storage.lock import workdir_lock
@@ -72,26 +68,18 @@ UNIT_TASKS = {name: _unit_task(stage) for name, stage in STAGES.items()}
 class StageProgress:
     """A stage run's progress, moved as its units finish: units done of total, how many were reused (current
     markers) and how many ran, and rows/s of those. Shown in two places from this one count: the run's
-    progress artifact in the Prefect UI (key rs5m-progress-<stage>), and the terminal (stderr), where a
-    live line with an ETA shows while the stage runs if stderr is a terminal and the run is not verbose
-    (log lines would tear it), and one plain line when the stage ends, in every case (CI logs, a Prefect
-    worker's output: no carriage returns there)."""
+    progress artifact in the Prefect UI (key rs5m-progress-<stage>), and the terminal (flows/progress_line.py:
+    a live line while the stage runs, one plain line when it ends)."""
 
     def __init__(self, stage: str, total: int, terminal: TextIO | None = None) -> None:
         self.stage, self.total = stage, total
         self.done = self.reused = self.rows = 0
-        self.started = time.monotonic()
-        self.terminal = sys.stderr if terminal is None else terminal
+        self.line = ProgressLine(self._description(0.0), total, terminal)
         self.artifact_id = create_progress_artifact(
             progress=self._percent(),
             key=f"rs5m-progress-{stage.replace('_', '-')}",
             description=self.describe(),
         )
-        self.live: Progress | None = None
-        if self.terminal.isatty() and not is_verbose():
-            self.live = _live_progress(self.terminal)
-            self.live_task = self.live.add_task(self.describe(), total=total)
-            self.live.start()
 
     def __enter__(self) -> StageProgress:
         return self
@@ -106,50 +94,23 @@ class StageProgress:
         elif summary is not None:
             self.rows += sum(summary.counts.values())
         update_progress_artifact(self.artifact_id, progress=self._percent(), description=self.describe())
-        if self.live is not None:
-            self.live.update(self.live_task, completed=self.done, description=self.describe())
+        self.line.update(self.done, self.describe())
 
     def finish(self) -> None:
-        """The stage's line on the terminal, in place of the live one. Written, not printed: the stage flow
-        logs its prints (log_prints), and they would reach the terminal only in a verbose run."""
-        if self.live is not None:
-            self.live.stop()
-        self.terminal.write(f"{self.describe()}, {time.monotonic() - self.started:.1f} s\n")
-        self.terminal.flush()
+        self.line.finish(self.describe())
 
     def describe(self) -> str:
-        elapsed = max(time.monotonic() - self.started, 1e-9)
+        return self._description(self.line.elapsed())
+
+    def _description(self, elapsed: float) -> str:
         ran = self.done - self.reused
         text = f"{self.stage}: {self.done} of {self.total} units ({self.reused} reused, {ran} run)"
         if self.rows:
-            text += f", {self.rows / elapsed:,.0f} rows/s"
+            text += f", {self.rows / max(elapsed, 1e-9):,.0f} rows/s"
         return text
 
     def _percent(self) -> float:
         return 100.0 * self.done / self.total if self.total else 100.0
-
-
-class _CursorKeepingConsole(Console):
-    """rich's Console, but it never hides the cursor: a run stopped by Ctrl-C or SIGTERM ends with os._exit
-    (flows/run_control.py), with no chance to show it again, and the shell would be left without one."""
-
-    def show_cursor(self, show: bool = True) -> bool:
-        return False
-
-
-def _live_progress(terminal: TextIO) -> Progress:
-    """rich's live line: the stage's description, a bar, the time so far and rich's estimate of the rest.
-    Transient: StageProgress.finish writes the stage's plain line in its place."""
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(bar_width=20),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=_CursorKeepingConsole(file=terminal),
-        transient=True,
-        refresh_per_second=2,  # the elapsed time moves between units; more would only cost CPU
-    )
 
 
 def _collect(stage: str, units: list[str], futures: Any) -> tuple[list[ShardSummary], dict[str, str]]:

@@ -14,7 +14,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
@@ -25,14 +25,52 @@ from prefect.artifacts import (
 )
 
 from flows.evaluate import result_rows
+from flows.progress_line import ProgressLine
 from rs5m.config import EvalConfig, PipelineConfig, as_pipeline_config
 from rs5m.eval_cli import EvalRequest, json_safe, run_evaluation
 from storage.atomic import write_json, write_text
 from storage.layout import TrainLayout
 
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) ")
+LOSS = re.compile(r"\bloss (\S+)")
+TERMINAL_EVERY_S = 60.0  # off a terminal (a CI log, a worker's output): a plain progress line this often
 PROGRESS_EVERY_S = 5.0  # progress artifact updates (one API call each) at most this often
 TABLE_ROWS = 50  # steps shown in the metrics table (evenly spaced, the last one included)
+
+
+class TrainingLine:
+    """Training's progress on the terminal (flows/progress_line.py): step, loss and steps/s of this process
+    (a resumed run starts at its checkpoint), live on a terminal, else a plain line every TERMINAL_EVERY_S
+    and one at the end."""
+
+    def __init__(self, run_name: str, total_steps: int, terminal: TextIO | None = None) -> None:
+        self.run_name, self.total = run_name, total_steps
+        self.first: tuple[int, float] | None = None  # (step, time) of the first step this process saw
+        self.done, self.loss = 0, ""
+        self.line = ProgressLine(self.describe(), total_steps, terminal, plain_every_s=TERMINAL_EVERY_S)
+
+    def step(self, done: int, line: str) -> None:
+        self.done = done
+        loss = LOSS.search(line)
+        self.loss = loss[1] if loss else self.loss
+        if self.first is None:
+            self.first = (done, time.monotonic())
+        self.line.update(done, self.describe())
+
+    def finish(self, complete: bool) -> None:
+        """The final line; a complete run is at its last step (also one that was complete before)."""
+        if complete:
+            self.done = self.total
+        self.line.finish(self.describe())
+
+    def describe(self) -> str:
+        text = f"train {self.run_name}: step {self.done} of {self.total}"
+        if self.loss:
+            text += f", loss {self.loss}"
+        if self.first is not None and self.done > self.first[0]:
+            rate = (self.done - self.first[0]) / max(time.monotonic() - self.first[1], 1e-9)
+            text += f", {rate:.2f} steps/s"
+        return text
 
 
 class TrainingFailedError(RuntimeError):
@@ -53,17 +91,25 @@ def train_model(config: PipelineConfig) -> str:
     progress = create_progress_artifact(
         progress=0.0, key="rs5m-train-progress", description=f"{config.train.run_name}: steps done, percent"
     )
+    terminal = TrainingLine(config.train.run_name, plan.total_steps)
     last_update = 0.0
 
     def on_line(line: str) -> None:
         nonlocal last_update
         logger.info(line)
         step = STEP_LINE.match(line)
-        if step and (time.monotonic() - last_update > PROGRESS_EVERY_S or step[1] == step[2]):
+        if step is None:
+            return
+        terminal.step(int(step[1]), line)
+        if time.monotonic() - last_update > PROGRESS_EVERY_S or step[1] == step[2]:
             last_update = time.monotonic()
             update_progress_artifact(progress, progress=100.0 * int(step[1]) / int(step[2]))
 
-    code = launch(config.train, config.workdir, on_line=on_line)
+    code = None
+    try:
+        code = launch(config.train, config.workdir, on_line=on_line)
+    finally:
+        terminal.finish(complete=code == 0)
     if code != 0:
         raise TrainingFailedError(
             f"training exited with status {code} after its last checkpoint; rerun the same command to resume"

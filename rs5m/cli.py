@@ -171,6 +171,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    set_verbose(args.verbose)  # before anything imports Prefect, which reads its console level then
     config = load_config(args.config)
     if args.workdir:
         config = config.model_copy(update={"workdir": Path(args.workdir).resolve()})
@@ -354,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="then evaluate the base model and every checkpoint on the `eval:` datasets (a scorecard)",
     )
     train.add_argument("--wait", action="store_true", help="wait for a run writing the work directory")
+    _add_verbose(train)
     train.set_defaults(handler=cmd_train)
 
     prune = commands.add_parser(
@@ -400,8 +402,9 @@ def _add_verbose(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--verbose",
         action="store_true",
-        help="also show Prefect's log lines (task runs created, finished) and img2dataset's output "
-        "(default: a progress line per stage, warnings and errors, then the funnel)",
+        help="also show Prefect's log lines (task runs created, finished, each training step) and "
+        "img2dataset's output (default: a progress line per stage and for training, warnings and errors, "
+        "then the funnel or the scorecard)",
     )
 
 

@@ -105,11 +105,12 @@ class IngestConfig(Strict):
 
 
 class KeywordConfig(Strict):
+    # Each list has its own versions: rs-v3 changed only the keywords, so its exclusions and places are rs-v2's.
     keywords: str = Field(
-        "rs-v2", description="Shipped list version (rs-v2, rs-v1) or a path to a keyword file."
+        "rs-v3", description="Shipped keyword list version (rs-v3, rs-v2, rs-v1) or a path to a keyword file."
     )
     exclusions: str = Field(
-        "rs-v2", description="Shipped list version (rs-v2, rs-v1) or a path to an exclusion file."
+        "rs-v2", description="Shipped exclusion list version (rs-v2, rs-v1) or a path to an exclusion file."
     )
     places: str = Field(
         "rs-v2",

@@ -25,6 +25,7 @@ os.environ.update(
 os.environ.pop("PREFECT_API_URL", None)
 
 import pytest  # noqa: E402
+import yaml  # noqa: E402
 
 from tests.helpers import PrefectServer, free_port, missing_data, rs5m  # noqa: E402
 
@@ -68,4 +69,9 @@ def demo_run(tmp_path_factory, prefect_server, demo_port) -> Path:
     # a progress line per stage on stderr (flows/stages.py), and not img2dataset's own bar per shard
     assert re.search(r"^download: (\d+) of \1 units \(0 reused, \1 run\)", result.stderr, re.MULTILINE)
     assert "0it [" not in result.stderr + result.stdout
+    # training: its progress line (flows/train.py TrainingLine), not a log line per step; the scorecard once
+    steps = yaml.safe_load((workdir / "demo-config.yaml").read_text())["train"]["steps"]
+    assert re.search(rf"^train \S+: step {steps} of {steps}, loss [\d.]+, ", result.stderr, re.MULTILINE)
+    assert not re.search(r"\bstep \d+/\d+ epoch ", result.stderr)
+    assert (result.stdout + result.stderr).count("| dataset | metric | base |") == 1
     return workdir

@@ -102,6 +102,14 @@ def ingest_table(captions: list[str | None]) -> pa.Table:
         ("Top-down view of a highway interchange", "top down view ~place"),
         ("Village, view from above", "view from above ~place"),
         ("overhead view of the harbour at dawn", "overhead view ~place"),
+        # rs-v3: the camera's height as plain phrases, a look down from the air, views from aircraft
+        ("the railway station looks a little dark from high altitude .", "from high altitude"),
+        ("The railway station is a bit dark from a height.", "from a height"),
+        ("The mountains look very dense at high altitude.", "at high altitude ~place"),
+        ("That's a look down from above.", "look down from above"),
+        ("snowy peaks seen from the airplane window", "from the airplane window"),
+        ("Cappadocia valleys from a hot air balloon", "from a hot air balloon"),
+        ("Zenithal view of a beach with umbrellas", "zenithal view"),
     ],
 )
 def test_shipped_list_matches_variants(shipped: KeywordMatcher, caption: str, keyword: str) -> None:
@@ -126,6 +134,9 @@ def test_shipped_list_matches_variants(shipped: KeywordMatcher, caption: str, ke
         "Hardwood maple basketball court floor viewed from above. stock photo",
         "overhead view of a medical stethoscope , computer keyboard , mouse and pills on stainless steel table",
         "nike zoom vick ii 2 og top view",
+        "climbers resting at high altitude",  # no place near: mountaineering, baking, breathing
+        "man looking down from a balcony",
+        "hot air balloon flying over a farm .",  # a picture of the balloon, not from it
         "",
         "   ",
     ],
@@ -153,11 +164,13 @@ def test_shipped_exclusions_veto(shipped: KeywordMatcher, caption: str, exclusio
     assert matched(shipped, [caption]) == [(None, exclusion)]
 
 
-@pytest.mark.parametrize("version", ["rs-v1", "rs-v2"])
-def test_every_shipped_exclusion_vetoes_a_keyword(version: str) -> None:
+@pytest.mark.parametrize(
+    ("keywords", "exclusions"), [("rs-v1", "rs-v1"), ("rs-v2", "rs-v2"), ("rs-v3", "rs-v2")]
+)
+def test_every_shipped_exclusion_vetoes_a_keyword(keywords: str, exclusions: str) -> None:
     # An exclusion with no keyword inside would never veto anything: a dead entry. A proximity exclusion
     # ("seamless pattern ~place") holds a place: after a cue, masking it breaks the cue's window.
-    matcher = KeywordMatcher.from_config(KeywordConfig(keywords=version, exclusions=version))
+    matcher = KeywordMatcher.from_config(KeywordConfig(keywords=keywords, exclusions=exclusions))
     captions = [p.text if p.cue is None else f"top view {p.example}" for p in matcher.exclusions]
     assert matched(matcher, captions) == [(None, p.text) for p in matcher.exclusions]
 
@@ -239,7 +252,7 @@ def test_identity_follows_list_contents(tmp_path: Path, shipped: KeywordMatcher)
     changed = custom(tmp_path, ["aerial", "satellite image"], ["tv aerial", "aerial yoga"])
     assert base.identity == reformatted.identity
     assert base.identity != changed.identity
-    named = KeywordConfig(keywords="rs-v2", exclusions="rs-v2", places="rs-v2")
+    named = KeywordConfig(keywords="rs-v3", exclusions="rs-v2", places="rs-v2")
     assert shipped.identity == KeywordMatcher.from_config(named).identity
     assert len(shipped.identity) == 64
 
@@ -404,8 +417,12 @@ def _pipeline(keyword: dict) -> dict:
 
 
 def test_places_config(tmp_path: Path) -> None:
-    assert KeywordConfig().places == "rs-v2"
-    assert KeywordConfig().keywords == KeywordConfig().exclusions == "rs-v2"
+    assert KeywordConfig().places == KeywordConfig().exclusions == "rs-v2"
+    assert KeywordConfig().keywords == "rs-v3"
+    with pytest.raises(
+        ValueError, match=r"unknown exclusions list version 'rs-v3' \(shipped: rs-v1, rs-v2\)"
+    ):
+        KeywordMatcher.from_config(KeywordConfig(exclusions="rs-v3"))
     with pytest.raises(ValueError, match="unknown places list version 'rs-v9'"):
         KeywordMatcher.from_config(KeywordConfig(places="rs-v9"))
     with pytest.raises(ValueError, match="places list file not found: .*nope.txt"):
@@ -496,37 +513,70 @@ def test_labelled_captions_split_sizes() -> None:
     with LABELS.open(encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
     counts = Counter((row["split"], row["is_rs"]) for row in rows)
-    assert counts == {("tune", "1"): 99, ("tune", "0"): 221, ("heldout", "1"): 37, ("heldout", "0"): 205}
+    assert counts == {
+        ("tune", "1"): 99,
+        ("tune", "0"): 221,
+        ("heldout-1", "1"): 37,
+        ("heldout-1", "0"): 205,
+        ("tune-2", "1"): 13,
+        ("tune-2", "0"): 628,
+        ("heldout-2", "1"): 16,
+        ("heldout-2", "0"): 635,
+    }
+
+
+@pytest.fixture(scope="module")
+def rs_v2() -> KeywordMatcher:
+    return KeywordMatcher.from_config(KeywordConfig(keywords="rs-v2"))
 
 
 def test_rs_v1_precision_and_recall_on_labelled_captions(rs_v1: KeywordMatcher) -> None:
     """rs-v1 on the tune split: 320 hand-labelled CC3M/LAION captions (all 121 naive-regex hits, 110 random,
     89 tricky), the captions it was built on.
 
-    Measured: tp 90, fp 5, fn 9, tn 216 -> precision 0.947, recall 0.909. On the held-out split (242 captions
-    labelled before rs-v2 was written): tp 16, fp 0, fn 21, tn 205 -> recall 0.432.
+    Measured: tp 90, fp 5, fn 9, tn 216 -> precision 0.947, recall 0.909. On heldout-1 (242 captions labelled
+    before rs-v2 was written): tp 16, fp 0, fn 21, tn 205 -> recall 0.432. On the Bing photo titles: 10 of 13
+    (tune-2) and 13 of 16 (heldout-2).
     """
     tp, fp, fn, tn = confusion(rs_v1, "tune")
     assert (tp, fp, fn, tn) == (90, 5, 9, 216)
-    assert confusion(rs_v1, "heldout") == (16, 0, 21, 205)
+    assert confusion(rs_v1, "heldout-1") == (16, 0, 21, 205)
+    assert confusion(rs_v1, "tune-2") == (10, 0, 3, 628)
+    assert confusion(rs_v1, "heldout-2") == (13, 0, 3, 635)
 
 
-def test_rs_v2_precision_and_recall_on_labelled_captions(shipped: KeywordMatcher) -> None:
-    """rs-v2 (the default), recall first, tuned on the tune split only.
+def test_rs_v2_precision_and_recall_on_labelled_captions(rs_v2: KeywordMatcher) -> None:
+    """rs-v2 (a frozen version: exact counts), tuned on the tune split only.
 
-    Measured on tune (320): tp 98, fp 8, fn 1, tn 213 -> precision 0.925, recall 0.990; the one miss is "top down
-    view of a man traveling in a ferry boat" (no place within 4 words of the cue).
-    Measured on held-out (242, never used to choose phrases): tp 25, fp 0, fn 12, tn 205 -> precision 1.000,
-    recall 0.676: below the 0.97 reached on tune; the held-out RS rows are RSICD/RSITMD captions whose
-    viewpoint phrasing rs-v2 still misses.
-    All 562 rows: tp 123, fp 8 -> precision 0.939.
+    tune (320): precision 0.925, recall 0.990; its one miss is "top down view of a man traveling in a ferry
+    boat" (no place within 4 words of the cue). heldout-1 (242, labelled before rs-v2 and never used to
+    choose its phrases): recall 0.676; its 12 misses are RSICD/RSITMD captions ("... from high altitude",
+    "looking down from a height"). On the Bing photo titles, labelled before rs-v3 was written and never
+    seen by rs-v2: every overhead title found, no false positive (tune-2 13/13, heldout-2 16/16).
+    """
+    assert confusion(rs_v2, "tune") == (98, 8, 1, 213)
+    assert confusion(rs_v2, "heldout-1") == (25, 0, 12, 205)
+    assert confusion(rs_v2, "tune-2") == (13, 0, 0, 628)
+    assert confusion(rs_v2, "heldout-2") == (16, 0, 0, 635)
+
+
+def test_rs_v3_precision_and_recall_on_labelled_captions(shipped: KeywordMatcher) -> None:
+    """rs-v3 (the default), recall first, tuned on tune, heldout-1 (after rs-v2 was measured on it) and
+    tune-2; heldout-2 (651 Bing photo titles, 16 overhead) was never used to choose a phrase.
+
+    Measured: tune tp 98, fp 8, fn 1 (as rs-v2); heldout-1 37 of 37 (tuned on it: no longer a test);
+    tune-2 13 of 13, no false positive; heldout-2 16 of 16, no false positive among 635 other titles.
+    All rows: precision 0.940.
     The thresholds sit just below the measurements, so a list edit that costs a true or adds a false positive
-    or two still passes, a real regression does not.
+    or two on tune still passes, a real regression does not; on the small held-out split no miss is allowed
+    (one miss would be 0.94 recall, below the 0.97 target).
     """
     tp, fp, fn, _ = confusion(shipped, "tune")
     assert tp / (tp + fn) >= 0.97, (tp, fp, fn)
-    tp, fp, fn, _ = confusion(shipped, "heldout")
-    assert tp / (tp + fn) >= 0.64, (tp, fp, fn)
-    assert tp / (tp + fp) >= 0.95, (tp, fp, fn)
+    tp, fp, fn, _ = confusion(shipped, "heldout-1")
+    assert tp / (tp + fn) >= 0.97, (tp, fp, fn)
+    tp, fp, fn, _ = confusion(shipped, "heldout-2")
+    assert tp / (tp + fn) >= 0.97, (tp, fp, fn)
+    assert fp <= 1, (tp, fp, fn)
     tp, fp, fn, _ = confusion(shipped, None)
     assert tp / (tp + fp) >= 0.93, (tp, fp, fn)

@@ -19,6 +19,7 @@ import yaml
 from PIL import Image
 
 import flows.stages
+import flows.train
 from flows.stages import StageProgress
 from rs5m.config import DownloadConfig
 from rs5m.verbosity import VERBOSE_ENV
@@ -194,3 +195,40 @@ def test_rs5m_run_shows_stage_lines_and_the_funnel_and_prefects_lines_only_when_
     assert "Finished in state Completed()" in again.stderr and prefect_line.search(again.stderr)
     assert re.search(STAGE_LINE.format(stage="keyword", n=3, reused=3, ran=0), again.stderr), again.stderr
     assert "| total | 25 | 13 |" in again.stdout
+
+
+# --- training: flows/train.py TrainingLine ------------------------------------------------------------
+
+
+def test_training_writes_a_plain_line_now_and_then_and_one_at_the_end(monkeypatch) -> None:
+    """Off a terminal (a CI log, a worker's output) training is long: a plain line at most every
+    TERMINAL_EVERY_S, then the final one; a resumed run's rate counts only the steps this process ran."""
+    import flows.progress_line
+    from flows.train import TERMINAL_EVERY_S, TrainingLine
+
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    clock = [1000.0]
+    monkeypatch.setattr(flows.progress_line.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(flows.train.time, "monotonic", lambda: clock[0])
+    log = io.StringIO()
+    line = TrainingLine("tiny", 100, terminal=log)
+    for step in range(11, 101):  # resumed at step 10, one step a second
+        clock[0] += 1.0
+        line.step(step, f"step {step}/100 epoch 1 loss {4 - step / 50:.4f} lr 1e-05 4.2 samples/s")
+    line.finish(complete=True)
+    assert "\r" not in log.getvalue() and "\x1b" not in log.getvalue()
+    lines = log.getvalue().splitlines()
+    assert TERMINAL_EVERY_S == 60.0
+    assert lines == [
+        "train tiny: step 70 of 100, loss 2.6000, 1.00 steps/s",  # 60 s after the start
+        "train tiny: step 100 of 100, loss 2.0000, 1.00 steps/s, 90.0 s",
+    ]
+
+
+def test_training_already_complete_ends_at_its_last_step(monkeypatch) -> None:
+    from flows.train import TrainingLine
+
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    log = io.StringIO()
+    TrainingLine("tiny", 8, terminal=log).finish(complete=True)  # the trainer found the run complete
+    assert re.fullmatch(r"train tiny: step 8 of 8, \d+\.\d s\n", log.getvalue())

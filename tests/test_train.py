@@ -515,7 +515,11 @@ def test_rs5m_train_killed_and_rerun_resumes_to_the_uninterrupted_weights(tmp_pa
 
     again = rs5m("train", str(configs["killed"]), env=prefect_server.env(), timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-3000:]
+    _, reference_stderr = reference.communicate(timeout=600)
+    assert reference.returncode == 0, reference_stderr[-3000:]
+    # the terminal shows training's progress line, not Prefect's log line per step (those need --verbose)
+    assert re.search(r"^train tiny: step 10 of 10, loss [\d.]+, ", reference_stderr, re.MULTILINE)
+    assert not re.search(r"\bstep \d+/10 epoch ", reference_stderr), reference_stderr[-3000:]
     expected = torch.load(TrainLayout((tmp_path / "reference").resolve(), "tiny").final, weights_only=True)
     resumed = torch.load(layout.final, weights_only=True)
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
