@@ -7,7 +7,7 @@ of their own original (the rotation/flip-invariant distance, min over the 8 dihe
 merges: pairs of distinct originals within the threshold, and the closest distinct pair. Last, chance pairs:
 --queries random hashes against --base random hashes (1M by default), found within the threshold with faiss,
 per pair compared, beside the binomial expectation. The baseline (64-bit: 8x8 block of a 32x32 thumbnail, 11
-bits) is computed here in the same process, with the same sign-bit construction.
+bits) is computed here in the same process, by the same sign-bit construction (DctSignHash(32, 8)).
 
     .venv/bin/python bench/bench_dedup_quality.py                  # ~2 min on 2 cores
     .venv/bin/python bench/bench_dedup_quality.py --base 200000    # quicker chance-pair estimate
@@ -34,40 +34,19 @@ from tests.test_perceptual_hash import COPIES, _jpeg  # the copies the test requ
 
 
 class DctHash:
-    """A sign-bit DCT hash over a side x side thumbnail, block x block low frequencies."""
+    """A sign-bit DCT hash (the module's construction, models/perceptual_hash.DctSignHash) with the
+    threshold it is used at, and its distances computed here."""
 
     def __init__(self, name: str, side: int, block: int, max_distance: int) -> None:
-        self.name, self.side, self.block, self.max_distance = name, side, block, max_distance
-        self.bits = block * block
-        k = np.arange(side)
-        self.rows = np.sqrt(2.0 / side) * np.cos(
-            np.pi * (2 * k[None, :] + 1) * np.arange(block)[:, None] / (2 * side)
-        )
-        self.rows[0] /= np.sqrt(2.0)
-        parity = np.arange(block) % 2 == 1
-        self.row_odd, self.col_odd = parity[:, None], parity[None, :]
+        self.name, self.max_distance = name, max_distance
+        self.hash = perceptual_hash.DctSignHash(side, block)
+        self.bits = self.hash.bits
 
     def hashes(self, images: list[bytes]) -> np.ndarray:
-        thumbnails = []
-        for data in images:
-            with Image.open(io.BytesIO(data)) as im:
-                im.draft("L", (128, 128))
-                gray = im.convert("L").resize((self.side, self.side), Image.Resampling.LANCZOS)
-            thumbnails.append(np.asarray(gray, np.float64))
-        blocks = self.rows @ np.stack(thumbnails) @ self.rows.T
-        bits = blocks.reshape(len(blocks), -1) > 1e-6
-        bits[:, 0] = False
-        return np.packbits(bits, axis=1)
+        return self.hash.hashes(images)
 
     def variants(self, hashes: np.ndarray) -> np.ndarray:
-        grids = np.unpackbits(hashes, axis=1).reshape(-1, self.block, self.block).astype(bool)
-        out = []
-        for oriented in (grids, grids.transpose(0, 2, 1)):
-            for row_flip in (False, True):
-                for col_flip in (False, True):
-                    flipped = oriented ^ (row_flip & self.row_odd) ^ (col_flip & self.col_odd)
-                    out.append(np.packbits(flipped.reshape(len(grids), -1), axis=1))
-        return np.stack(out, axis=1)
+        return self.hash.variants(hashes)
 
     def distances(self, queries: np.ndarray, base: np.ndarray) -> np.ndarray:
         """(len(queries), len(base)) rotation/flip-invariant Hamming distances."""

@@ -77,39 +77,78 @@ _IVF_TRAIN_PER_LIST = 40
 # Coefficients this close to zero count as 0 (bit 0): float noise on a flat image must not decide bits.
 _ZERO_TOLERANCE = 1e-6
 
-# Orthonormal DCT-II basis, only the rows for the kept frequencies: block = B @ image @ B.T.
-_k = np.arange(_SIDE)
-_DCT_ROWS = np.sqrt(2.0 / _SIDE) * np.cos(
-    np.pi * (2 * _k[None, :] + 1) * np.arange(_BLOCK)[:, None] / (2 * _SIDE)
-)
-_DCT_ROWS[0] /= np.sqrt(2.0)
 
-_parity = np.arange(_BLOCK) % 2 == 1
-_ROW_ODD = np.broadcast_to(_parity[:, None], (_BLOCK, _BLOCK))  # flipped by an up-down flip
-_COL_ODD = np.broadcast_to(_parity[None, :], (_BLOCK, _BLOCK))  # flipped by a left-right flip
+class DctSignHash:
+    """The sign-bit DCT hash of a side x side grayscale thumbnail, its block x block low frequencies (one bit
+    each), and the exact action of the 8 rotations/flips on it. The module's hash is DctSignHash(64, 16);
+    bench/bench_dedup_quality.py also builds the 64-bit one it replaced, DctSignHash(32, 8), to compare."""
+
+    def __init__(self, side: int, block: int) -> None:
+        self.side, self.block = side, block
+        self.bits = block * block
+        self.nbytes = self.bits // 8
+        # Orthonormal DCT-II basis, only the rows for the kept frequencies: block = B @ image @ B.T.
+        k = np.arange(side)
+        self.dct_rows = np.sqrt(2.0 / side) * np.cos(
+            np.pi * (2 * k[None, :] + 1) * np.arange(block)[:, None] / (2 * side)
+        )
+        self.dct_rows[0] /= np.sqrt(2.0)
+        parity = np.arange(block) % 2 == 1
+        self.row_odd = np.broadcast_to(parity[:, None], (block, block))  # flipped by an up-down flip
+        self.col_odd = np.broadcast_to(parity[None, :], (block, block))  # flipped by a left-right flip
+
+    def thumbnail(self, image: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(image)) as im:
+            im.draft("L", (_DRAFT_SIDE, _DRAFT_SIDE))
+            gray = im.convert("L").resize((self.side, self.side), Image.Resampling.LANCZOS)
+        return np.asarray(gray, dtype=np.float64)
+
+    def hash_thumbnails(self, thumbnails: np.ndarray) -> np.ndarray:
+        blocks = self.dct_rows @ thumbnails @ self.dct_rows.T  # (n, block, block)
+        bits = blocks.reshape(len(blocks), self.bits) > _ZERO_TOLERANCE
+        bits[:, 0] = False  # DC: always positive, carries nothing
+        return np.packbits(bits, axis=1)
+
+    def hashes(self, images: Iterable[bytes]) -> np.ndarray:
+        """Hashes of encoded images, shape (n, nbytes) uint8, in input order; ValueError naming the index of
+        the first image PIL cannot decode."""
+        thumbnails = []
+        for index, image in enumerate(images):
+            try:
+                thumbnails.append(self.thumbnail(image))
+            except (OSError, ValueError, Image.DecompressionBombError) as err:
+                raise ValueError(f"image {index} cannot be decoded: {err}") from err
+        if not thumbnails:
+            return np.zeros((0, self.nbytes), dtype=np.uint8)
+        return self.hash_thumbnails(np.stack(thumbnails))
+
+    def variants(self, hashes: np.ndarray) -> np.ndarray:
+        """The hashes of the 8 rotations/flips of each image, shape (n, 8, nbytes); variant 0 is the identity."""
+        grids = np.unpackbits(self.checked(hashes), axis=1).reshape(-1, self.block, self.block).astype(bool)
+        variants = []
+        for oriented in (grids, grids.transpose(0, 2, 1)):
+            for row_flip in (False, True):
+                for col_flip in (False, True):
+                    flipped = oriented ^ (row_flip & self.row_odd) ^ (col_flip & self.col_odd)
+                    variants.append(np.packbits(flipped.reshape(-1, self.bits), axis=1))
+        return np.stack(variants, axis=1)
+
+    def checked(self, hashes: np.ndarray) -> np.ndarray:
+        if hashes.dtype != np.uint8 or hashes.ndim != 2 or hashes.shape[1] != self.nbytes:
+            raise ValueError(f"hashes must be (n, {self.nbytes}) uint8, got {hashes.shape} {hashes.dtype}")
+        return np.ascontiguousarray(hashes)
 
 
-def _grayscale_thumbnail(image: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(image)) as im:
-        im.draft("L", (_DRAFT_SIDE, _DRAFT_SIDE))
-        gray = im.convert("L").resize((_SIDE, _SIDE), Image.Resampling.LANCZOS)
-    return np.asarray(gray, dtype=np.float64)
-
-
-def _hash_thumbnails(thumbnails: np.ndarray) -> np.ndarray:
-    blocks = _DCT_ROWS @ thumbnails @ _DCT_ROWS.T  # (n, 8, 8)
-    bits = blocks.reshape(len(blocks), HASH_BITS) > _ZERO_TOLERANCE
-    bits[:, 0] = False  # DC: always positive, carries nothing
-    return np.packbits(bits, axis=1)
+_HASH = DctSignHash(_SIDE, _BLOCK)
 
 
 def dct_hash(image: bytes) -> np.ndarray:
     """The 256-bit hash of one encoded image as 32 uint8. Raises ValueError when PIL cannot decode it."""
     try:
-        thumbnail = _grayscale_thumbnail(image)
+        thumbnail = _HASH.thumbnail(image)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"cannot decode image: {err}") from err
-    return _hash_thumbnails(thumbnail[None])[0]
+    return _HASH.hash_thumbnails(thumbnail[None])[0]
 
 
 def dct_hashes(images: Iterable[bytes]) -> np.ndarray:
@@ -117,33 +156,12 @@ def dct_hashes(images: Iterable[bytes]) -> np.ndarray:
 
     Raises ValueError naming the index of the first image PIL cannot decode.
     """
-    thumbnails = []
-    for index, image in enumerate(images):
-        try:
-            thumbnails.append(_grayscale_thumbnail(image))
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise ValueError(f"image {index} cannot be decoded: {err}") from err
-    if not thumbnails:
-        return np.zeros((0, HASH_BYTES), dtype=np.uint8)
-    return _hash_thumbnails(np.stack(thumbnails))
+    return _HASH.hashes(images)
 
 
 def dihedral_variants(hashes: np.ndarray) -> np.ndarray:
     """The hashes of the 8 rotations/flips of each image, shape (n, 8, 32); variant 0 is the identity."""
-    grids = np.unpackbits(_check_hashes(hashes), axis=1).reshape(-1, _BLOCK, _BLOCK).astype(bool)
-    variants = []
-    for oriented in (grids, grids.transpose(0, 2, 1)):
-        for row_flip in (False, True):
-            for col_flip in (False, True):
-                flipped = oriented ^ (row_flip & _ROW_ODD) ^ (col_flip & _COL_ODD)
-                variants.append(np.packbits(flipped.reshape(-1, HASH_BITS), axis=1))
-    return np.stack(variants, axis=1)
-
-
-def _check_hashes(hashes: np.ndarray) -> np.ndarray:
-    if hashes.dtype != np.uint8 or hashes.ndim != 2 or hashes.shape[1] != HASH_BYTES:
-        raise ValueError(f"hashes must be (n, {HASH_BYTES}) uint8, got {hashes.shape} {hashes.dtype}")
-    return np.ascontiguousarray(hashes)
+    return _HASH.variants(hashes)
 
 
 def hash_neighbours(
@@ -167,8 +185,8 @@ def hash_neighbours(
         raise ValueError(f"max_distance must be in [0, {HASH_BITS}), got {max_distance}")
     if backend not in ("auto", "flat", "ivf"):
         raise ValueError(f"backend must be 'auto', 'flat' or 'ivf', got {backend!r}")
-    base = _check_hashes(hashes)
-    probes = base if queries is None else _check_hashes(queries)
+    base = _HASH.checked(hashes)
+    probes = base if queries is None else _HASH.checked(queries)
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int32))
     if len(base) == 0 or len(probes) == 0:
         return empty

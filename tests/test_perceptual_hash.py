@@ -112,15 +112,15 @@ def test_copies_are_found_and_originals_never_merge(
 
 def test_hash_variants_match_hashes_of_transformed_thumbnails(rsscn7_images: list[bytes]) -> None:
     # The bit-level group action must equal hashing the rotated/flipped pixels: exact, no re-encoding noise.
-    thumbnail = perceptual_hash._grayscale_thumbnail(rsscn7_images[0])
+    thumbnail = perceptual_hash._HASH.thumbnail(rsscn7_images[0])
     transformed = []
     for oriented in (thumbnail, thumbnail.T):
         for flip_rows in (False, True):
             for flip_cols in (False, True):
                 pixels = oriented[::-1] if flip_rows else oriented
                 transformed.append(pixels[:, ::-1] if flip_cols else pixels)
-    expected = perceptual_hash._hash_thumbnails(np.stack(transformed))
-    variants = dihedral_variants(perceptual_hash._hash_thumbnails(thumbnail[None]))[0]
+    expected = perceptual_hash._HASH.hash_thumbnails(np.stack(transformed))
+    variants = dihedral_variants(perceptual_hash._HASH.hash_thumbnails(thumbnail[None]))[0]
     np.testing.assert_array_equal(variants, expected)
     assert len({bytes(v) for v in variants}) == 8
 
