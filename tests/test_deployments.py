@@ -105,18 +105,34 @@ def test_deploy_all_then_a_worker_runs_the_rebuild_and_its_completion_starts_the
                 )
                 (overlapping,) = [run for run in client.read_flow_runs() if run.id != build.id]
                 deadline = time.monotonic() + RUN_TIMEOUT_S
-                waited = False
-                while not (build := client.read_flow_run(build.id)).state.is_final():
-                    assert time.monotonic() < deadline, f"build still {build.state.name}"
-                    second = client.read_flow_run(overlapping.id).state
-                    assert not (second.is_running() and build.state.is_running()), "both runs were running"
-                    waited |= second.name == "AwaitingConcurrencySlot"
-                    if waited:
+
+                def waited(run_id: UUID) -> bool:
+                    # from the run's state history, not a sample of its state: a wait between two polls counts
+                    return any(
+                        s.name == "AwaitingConcurrencySlot" for s in client.read_flow_run_states(run_id)
+                    )
+
+                # The worker may submit both runs in one poll, in either order: whichever gets the slot is the
+                # build, the other must wait for it, and the two never run at once.
+                while True:
+                    assert time.monotonic() < deadline, "neither run waited for the deployment's slot in time"
+                    first, second = (client.read_flow_run(run.id) for run in (build, overlapping))
+                    assert not (first.state.is_running() and second.state.is_running()), (
+                        "both runs were running"
+                    )
+                    waiting = next((run for run in (second, first) if waited(run.id)), None)
+                    if waiting is not None:
                         # seen waiting is enough (its run would be a no-op)
-                        client.delete_flow_run(overlapping.id)
+                        client.delete_flow_run(waiting.id)
+                        build = first if waiting is second else second
                         break
+                    if first.state.is_final() and second.state.is_final():
+                        log = (tmp_path / "worker.log").read_text(errors="replace")[-5000:]
+                        raise AssertionError(
+                            "neither run waited for the deployment's concurrency slot: "
+                            f"{first.state.name} ({first.state.message}), {second.state.name}\n{log}"
+                        )
                     time.sleep(2)
-                assert waited, "the overlapping run never waited for the deployment's concurrency slot"
                 while not (build := client.read_flow_run(build.id)).state.is_final():
                     assert time.monotonic() < deadline, f"build still {build.state.name}"
                     time.sleep(2)
