@@ -97,7 +97,12 @@ def main() -> None:
     parser.add_argument(
         "--rows", type=int, default=2_000_000, help="caption rows to build (default 2,000,000)"
     )
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs (turns) per case; the best and the median of the turns' ratios count")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed runs (turns) per case; the best and the median of the turns' ratios count",
+    )
     parser.add_argument(
         "--lists",
         default=KeywordConfig().keywords,
