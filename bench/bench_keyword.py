@@ -82,7 +82,7 @@ def timed_turns(repeats: int, cases: dict[str, Callable[[], object]]) -> dict[st
 
 def lists_config(version: str) -> KeywordConfig:
     """The keyword config of a shipped keyword list version: rs-v1 has exclusions of its own, later versions
-    keep the default exclusions (rs-v3 changed only the keywords)."""
+    keep the default exclusions (rs-v3 and rs-v4 changed only the keywords)."""
     try:
         resolve_list(version, "exclusions")
     except ValueError:

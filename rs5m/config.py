@@ -105,9 +105,11 @@ class IngestConfig(Strict):
 
 
 class KeywordConfig(Strict):
-    # Each list has its own versions: rs-v3 changed only the keywords, so its exclusions and places are rs-v2's.
+    # Each list has its own versions: rs-v3 and rs-v4 changed only the keywords, so the exclusions and places
+    # are rs-v2's.
     keywords: str = Field(
-        "rs-v3", description="Shipped keyword list version (rs-v3, rs-v2, rs-v1) or a path to a keyword file."
+        "rs-v4",
+        description="Shipped keyword list version (rs-v4, rs-v3, rs-v2, rs-v1) or a path to a keyword file.",
     )
     exclusions: str = Field(
         "rs-v2", description="Shipped exclusion list version (rs-v2, rs-v1) or a path to an exclusion file."

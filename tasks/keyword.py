@@ -12,6 +12,9 @@ alternative of the same RE2 alternation (cue, up to WINDOW words, place; or plac
 so one extract pass still names the entry that matched; an exclusion's mask is no word, so it breaks the
 window.
 
+The word `<thousands>` in an entry (rs-v4: "from <thousands> feet") stands for a number of at least 1,000,
+with or without thousands separators.
+
 Speed: PUB11 starts from billions of captions, so the work is vectorised with pyarrow.compute (RE2). One
 loose, case-insensitive pass of the keyword alternation over the raw captions finds the few candidate rows
 (it accepts everything the exact match accepts); canonicalisation, exclusion masking and whole-word
@@ -65,6 +68,12 @@ WINDOW = 4
 # One word between a cue and its place: canonical text is words of letters and digits, single spaces and the
 # mask's "#", which is no word, so an exclusion span breaks the window. Cheaper to compile than [\pL\pN]+.
 _GAP = f"(?: [^ #]+){{0,{WINDOW}}} "
+# A word of an entry that stands for a number of at least 1,000, with or without thousands separators:
+# "from <thousands> feet" matches "from 10,000 feet", "from 30000ft" and "from 1.500 m", not "from 10 feet".
+THOUSANDS = "<thousands>"
+_THOUSANDS_MARK = "\1"  # its place among the words while an entry is parsed
+_THOUSANDS_CANONICAL = r"(?:\d{4,}|\d{1,3}(?: \d{3})+)"  # canonical text: "10,000" -> "10 000"
+_THOUSANDS_LOOSE = r"[0-9]+(?:[^a-z0-9]*[0-9]+)*"
 
 
 @dataclass(frozen=True)
@@ -81,14 +90,19 @@ class Phrase:
 def _parse_phrase(text: str, origin: str) -> Phrase:
     anchored = text.startswith("^")
     body = text[1:] if anchored else text
-    body = re.sub(rf"\s*[{_APOSTROPHES}]\s*s\b", "\0", body.lower())  # \0 marks an optional possessive s
+    body = body.lower().replace(THOUSANDS, f" {_THOUSANDS_MARK} ")
+    body = re.sub(rf"\s*[{_APOSTROPHES}]\s*s\b", "\0", body)  # \0 marks an optional possessive s
     body = re.sub(r"([^\W\d_])(\d)", r"\1 \2", body)
     body = re.sub(r"(\d)([^\W\d_])", r"\1 \2", body)
-    words = [w for w in re.split(r"[^\w\0]+|_", body) if w.strip("\0")]
+    words = [w for w in re.split(r"[^\w\0\1]+|_", body) if w.strip("\0")]
     if not words or "^" in body:
         raise ValueError(f"{origin}: not a usable phrase: {text!r} (letters or digits, '^' only first)")
     canonical_words, loose_words = [], []
     for i, word in enumerate(words):
+        if word == _THOUSANDS_MARK:
+            canonical_words.append(_THOUSANDS_CANONICAL)
+            loose_words.append(_THOUSANDS_LOOSE)
+            continue
         possessive = word.endswith("\0")
         stem = re.escape(word.rstrip("\0"))
         canonical, loose = (
@@ -104,7 +118,7 @@ def _parse_phrase(text: str, origin: str) -> Phrase:
         text=" ".join(text.split()),
         canonical=canonical,
         loose=_LOOSE_GAP.join(loose_words),
-        example=" ".join(w.replace("\0", "s") for w in words),
+        example=" ".join("1000" if w == _THOUSANDS_MARK else w.replace("\0", "s") for w in words),
         regex=re.compile(canonical),
     )
 

@@ -110,6 +110,15 @@ def ingest_table(captions: list[str | None]) -> pa.Table:
         ("snowy peaks seen from the airplane window", "from the airplane window"),
         ("Cappadocia valleys from a hot air balloon", "from a hot air balloon"),
         ("Zenithal view of a beach with umbrellas", "zenithal view"),
+        # rs-v4: satellites by name, the ISS's crew, altitudes, out of a window, a look down on a place
+        ("GOES-16 captured the hurricane over the Gulf", "goes 16"),
+        ("MODIS true-colour image of the dust storm", "modis"),
+        ("The Nile delta photographed by astronauts", "photographed by astronauts"),
+        ("Sunrise over the Andes from the cupola of the ISS", "cupola of the iss"),
+        ("Mount Everest from 30,000 ft", "from <thousands> ft"),
+        ("the valley from 1.500m", "from <thousands> m"),
+        ("Alps from the window of an airplane", "window of an airplane"),
+        ("Looking down on the harbour at dusk", "looking down on ~place"),
     ],
 )
 def test_shipped_list_matches_variants(shipped: KeywordMatcher, caption: str, keyword: str) -> None:
@@ -136,6 +145,10 @@ def test_shipped_list_matches_variants(shipped: KeywordMatcher, caption: str, ke
         "nike zoom vick ii 2 og top view",
         "climbers resting at high altitude",  # no place near: mountaineering, baking, breathing
         "man looking down from a balcony",
+        "astronaut works outside the International Space Station",  # the station, not the ground
+        "puppy photographed from 10 feet away",  # <thousands> is 1,000 or more
+        "terra cotta pots on a windowsill",
+        "woman looking down on her phone",
         "hot air balloon flying over a farm .",  # a picture of the balloon, not from it
         "",
         "   ",
@@ -165,7 +178,8 @@ def test_shipped_exclusions_veto(shipped: KeywordMatcher, caption: str, exclusio
 
 
 @pytest.mark.parametrize(
-    ("keywords", "exclusions"), [("rs-v1", "rs-v1"), ("rs-v2", "rs-v2"), ("rs-v3", "rs-v2")]
+    ("keywords", "exclusions"),
+    [("rs-v1", "rs-v1"), ("rs-v2", "rs-v2"), ("rs-v3", "rs-v2"), ("rs-v4", "rs-v2")],
 )
 def test_every_shipped_exclusion_vetoes_a_keyword(keywords: str, exclusions: str) -> None:
     # An exclusion with no keyword inside would never veto anything: a dead entry. A proximity exclusion
@@ -222,6 +236,27 @@ def test_possessive_and_anchor_syntax(tmp_path: Path) -> None:
     ]
 
 
+def test_thousands_syntax(tmp_path: Path) -> None:
+    matcher = custom(tmp_path, ["from <thousands> feet", "<thousands> m above ~place"], [])
+    assert [
+        k
+        for k, _ in matched(
+            matcher,
+            [
+                "Mount Rainier from 10,000 feet",
+                "the bay from 30000 feet",
+                "from 1 000 000 feet",
+                "from 1.500 feet",
+                "from 999 feet",
+                "from 10 feet away",
+                "from 10,00 feet",
+                "2500m above the town",
+                "2500m above the kitchen",
+            ],
+        )
+    ] == ["from <thousands> feet"] * 4 + [None] * 3 + ["<thousands> m above ~place", None]
+
+
 def test_null_and_chunked_captions(shipped: KeywordMatcher) -> None:
     captions = pa.chunked_array([["aerial view of a farm", None], [None, "", "drone shot of a pier"]])
     keyword, exclusion = shipped.match(captions)
@@ -252,7 +287,7 @@ def test_identity_follows_list_contents(tmp_path: Path, shipped: KeywordMatcher)
     changed = custom(tmp_path, ["aerial", "satellite image"], ["tv aerial", "aerial yoga"])
     assert base.identity == reformatted.identity
     assert base.identity != changed.identity
-    named = KeywordConfig(keywords="rs-v3", exclusions="rs-v2", places="rs-v2")
+    named = KeywordConfig(keywords="rs-v4", exclusions="rs-v2", places="rs-v2")
     assert shipped.identity == KeywordMatcher.from_config(named).identity
     assert len(shipped.identity) == 64
 
@@ -418,7 +453,7 @@ def _pipeline(keyword: dict) -> dict:
 
 def test_places_config(tmp_path: Path) -> None:
     assert KeywordConfig().places == KeywordConfig().exclusions == "rs-v2"
-    assert KeywordConfig().keywords == "rs-v3"
+    assert KeywordConfig().keywords == "rs-v4"
     with pytest.raises(
         ValueError, match=r"unknown exclusions list version 'rs-v3' \(shipped: rs-v1, rs-v2\)"
     ):
@@ -524,6 +559,8 @@ def test_labelled_captions_split_sizes() -> None:
         ("heldout-2", "0"): 635,
         ("heldout-3", "1"): 116,
         ("heldout-3", "0"): 3869,
+        ("heldout-4", "1"): 36,
+        ("heldout-4", "0"): 1148,
     }
 
 
@@ -538,7 +575,7 @@ def test_rs_v1_precision_and_recall_on_labelled_captions(rs_v1: KeywordMatcher) 
 
     Measured: tp 90, fp 5, fn 9, tn 216 -> precision 0.947, recall 0.909. On heldout-1 (242 captions labelled
     before rs-v2 was written): tp 16, fp 0, fn 21, tn 205 -> recall 0.432. On the Bing photo titles: 10 of 13
-    (tune-2), 13 of 16 (heldout-2) and 101 of 116 (heldout-3).
+    (tune-2), 13 of 16 (heldout-2), 101 of 116 (heldout-3) and 29 of 36 (heldout-4).
     """
     tp, fp, fn, tn = confusion(rs_v1, "tune")
     assert (tp, fp, fn, tn) == (90, 5, 9, 216)
@@ -546,6 +583,7 @@ def test_rs_v1_precision_and_recall_on_labelled_captions(rs_v1: KeywordMatcher) 
     assert confusion(rs_v1, "tune-2") == (10, 0, 3, 628)
     assert confusion(rs_v1, "heldout-2") == (13, 0, 3, 635)
     assert confusion(rs_v1, "heldout-3") == (101, 0, 15, 3869)
+    assert confusion(rs_v1, "heldout-4") == (29, 0, 7, 1148)
 
 
 def test_rs_v2_precision_and_recall_on_labelled_captions(rs_v2: KeywordMatcher) -> None:
@@ -555,35 +593,58 @@ def test_rs_v2_precision_and_recall_on_labelled_captions(rs_v2: KeywordMatcher) 
     boat" (no place within 4 words of the cue). heldout-1 (242, labelled before rs-v2 and never used to
     choose its phrases): recall 0.676; its 12 misses are RSICD/RSITMD captions ("... from high altitude",
     "looking down from a height"). On the Bing photo titles, labelled before rs-v3 was written and never
-    seen by rs-v2: tune-2 13/13, heldout-2 16/16, heldout-3 110/116 with one false positive.
+    seen by rs-v2: tune-2 13/13, heldout-2 16/16, heldout-3 110/116 with one false positive; heldout-4 32/36.
     """
     assert confusion(rs_v2, "tune") == (98, 8, 1, 213)
     assert confusion(rs_v2, "heldout-1") == (25, 0, 12, 205)
     assert confusion(rs_v2, "tune-2") == (13, 0, 0, 628)
     assert confusion(rs_v2, "heldout-2") == (16, 0, 0, 635)
     assert confusion(rs_v2, "heldout-3") == (110, 1, 6, 3868)
+    assert confusion(rs_v2, "heldout-4") == (32, 0, 4, 1148)
 
 
-def test_rs_v3_precision_and_recall_on_labelled_captions(shipped: KeywordMatcher) -> None:
-    """rs-v3 (the default), recall first, tuned on tune, heldout-1 (after rs-v2 was measured on it) and
-    tune-2. Never used to choose a phrase: heldout-2 (651 Bing photo titles of 2021-2024, labelled before
-    rs-v3 was written) and heldout-3 (3,985 Bing titles of 2010-2021, labelled after it by annotators who
-    never saw the lists or their output).
+@pytest.fixture(scope="module")
+def rs_v3() -> KeywordMatcher:
+    return KeywordMatcher.from_config(KeywordConfig(keywords="rs-v3"))
 
-    Measured: tune tp 98, fp 8, fn 1 (as rs-v2); heldout-1 37 of 37 (tuned on it: no longer a test);
-    tune-2 13 of 13; heldout-2 16 of 16; heldout-3 110 of 116, one false positive ("The moon as seen from the
-    International Space Station"). Held out together: 126 of 132, recall 0.955, below the issue's 0.97:
-    the misses name the ISS without "from the International Space Station", a satellite by name, an
-    altitude in feet, "looking down on" a place. All rows: precision 0.968.
-    The thresholds sit just below the measurements: a list edit that loses what rs-v3 finds fails.
+
+def test_rs_v3_precision_and_recall_on_labelled_captions(rs_v3: KeywordMatcher) -> None:
+    """rs-v3 (a frozen version: exact counts), tuned on tune, heldout-1 (after rs-v2 was measured on it) and
+    tune-2. Never used to choose an rs-v3 phrase: heldout-2 (651 Bing photo titles of 2021-2024, labelled
+    before rs-v3 was written) and heldout-3 (3,985 Bing titles of 2010-2021, labelled after it by annotators
+    who never saw the lists or their output).
+
+    Measured: tune tp 98, fp 8, fn 1 (as rs-v2); heldout-1 37 of 37; tune-2 13 of 13; heldout-2 16 of 16;
+    heldout-3 110 of 116, one false positive ("The moon as seen from the International Space Station").
+    Held out together: 126 of 132, recall 0.955, below the issue's 0.97: the misses name the ISS without
+    "from the International Space Station", a satellite by name, an altitude in feet, "looking down on" a
+    place. rs-v4 was tuned on them. heldout-4 (1,184 Bing titles of 2024-2026): 32 of 36.
     """
-    tp, fp, fn, _ = confusion(shipped, "tune")
-    assert tp / (tp + fn) >= 0.97, (tp, fp, fn)
-    tp, fp, fn, _ = confusion(shipped, "heldout-1")
-    assert tp / (tp + fn) >= 0.97, (tp, fp, fn)
-    held_out = [confusion(shipped, split) for split in ("heldout-2", "heldout-3")]
-    tp, fp, fn = (sum(counts[i] for counts in held_out) for i in range(3))
-    assert tp / (tp + fn) >= 0.95, (tp, fp, fn)
-    assert fp <= 2, (tp, fp, fn)
+    assert confusion(rs_v3, "tune") == (98, 8, 1, 213)
+    assert confusion(rs_v3, "heldout-1") == (37, 0, 0, 205)
+    assert confusion(rs_v3, "tune-2") == (13, 0, 0, 628)
+    assert confusion(rs_v3, "heldout-2") == (16, 0, 0, 635)
+    assert confusion(rs_v3, "heldout-3") == (110, 1, 6, 3868)
+    assert confusion(rs_v3, "heldout-4") == (32, 0, 4, 1148)
+
+
+def test_rs_v4_precision_and_recall_on_labelled_captions(shipped: KeywordMatcher) -> None:
+    """rs-v4 (the default), recall first, tuned on every split but heldout-4 (and on 1,140 WebVid stock-video
+    captions that are not in the repository: README). heldout-4 (1,184 Bing photo titles of 2024-2026,
+    labelled by annotators who never saw the lists or their output) was measured once, after rs-v4 was
+    written, and not tuned on.
+
+    Measured: tune tp 98, fp 9, fn 1; heldout-1 37 of 37; tune-2 13 of 13; heldout-2 16 of 16; heldout-3
+    116 of 116, one false positive ("The moon as seen from the International Space Station"); heldout-4
+    33 of 36, no false positive: recall 0.917, below the issue's 0.97 (the misses: one photo's two titles,
+    "from 225 miles above Earth" and "from 350 kilometres above Earth", and "Oktoberfest in Munich from a
+    high view"). All rows: precision 0.97.
+    The thresholds sit just below the measurements: a list edit that loses what rs-v4 finds fails.
+    """
+    for split in ("tune", "heldout-1", "tune-2", "heldout-2", "heldout-3"):
+        tp, fp, fn, _ = confusion(shipped, split)
+        assert tp / (tp + fn) >= 0.97, (split, tp, fp, fn)
+    tp, fp, fn, _ = confusion(shipped, "heldout-4")
+    assert tp / (tp + fn) >= 0.9 and fp <= 1, (tp, fp, fn)
     tp, fp, fn, _ = confusion(shipped, None)
-    assert tp / (tp + fp) >= 0.95, (tp, fp, fn)
+    assert tp / (tp + fp) >= 0.96, (tp, fp, fn)
