@@ -59,6 +59,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
 from models.placement import TORCH_DTYPES, DeviceChoice, Precision, check_placement, resolve_device
+from rs5m import forkserver
 
 logger = logging.getLogger(__name__)
 
@@ -336,11 +337,8 @@ def _decode_context() -> multiprocessing.context.BaseContext:
     main module and this one (torch, open_clip, PIL) once, and each process forked from it starts in
     milliseconds; spawn elsewhere. Either way, as for every spawn-like start (and img2dataset), a script that
     encodes at import time needs an `if __name__ == "__main__":` guard."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        # multiprocessing's default preload is ["__main__"]; no effect once this process's forkserver runs
-        context.set_forkserver_preload(["__main__", __name__])
-        return context
+    if forkserver.available():
+        return forkserver.context("__main__", __name__)  # the process's one server (rs5m/forkserver.py)
     return multiprocessing.get_context("spawn")
 
 

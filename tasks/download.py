@@ -6,9 +6,9 @@ whatever its body is (HTML, a truncated JPEG, nothing at all) and the validate s
 img2dataset then reports no width/height, so none are carried. It honours X-Robots-Tag opt-outs (noai,
 noimageai, noindex, noimageindex) by default; those rows are download_error.
 
-Each call costs ~4 s before the first request: img2dataset spawns a worker and a logger process, and each
-imports img2dataset (which imports torch). One img2dataset shard is worked on by one process with
-`config.threads` threads, so `config.processes` is not used: a second process would only add start-up.
+img2dataset starts a worker pool and a logger process for every call; they fork from a forkserver that
+imported img2dataset (which imports torch) once per run process (tasks/img2dataset_processes.py), where
+spawned interpreters would import it again each time (~6 s of CPU per process).
 
 URL safety (`url_block_reason`, in tasks.fetch) refuses, before any request, URLs whose scheme is not
 http(s) and, unless `allow_private_networks` is set, URLs whose host is literally `localhost` or a
@@ -208,11 +208,13 @@ def _img2dataset_download() -> Callable[..., None]:
     workers fetching through tasks.fetch when called inside `policy_for_downloaders`, its output shown
     only when the run is verbose (tasks/img2dataset_output.py)."""
     from tasks.img2dataset_output import follow_verbosity  # imports img2dataset
+    from tasks.img2dataset_processes import start_from_forkserver
 
     main = importlib.import_module("img2dataset.main")  # `img2dataset.main` the attribute is a function
     follow_verbosity()  # its own output reaches the terminal only when the run is verbose
+    start_from_forkserver()  # its processes fork from one that has img2dataset imported
     main.signal = _NO_SIGNAL_HANDLERS
-    main.Downloader = GuardedDownloader  # pickled to the spawned workers, where it installs the guards
+    main.Downloader = GuardedDownloader  # pickled to the workers, where it installs the guards
     return main.download
 
 

@@ -6,8 +6,7 @@ In the run's process img2dataset prints from the task's thread and from its pool
 distributor.py's retry lines) and shows a tqdm bar over its pool's results (`0it [00:00, ?it/s]`, one per
 shard). Pointing sys.stdout elsewhere would hide every thread's output (the run's progress, other tasks'),
 so the names those modules print with are replaced in their own namespaces instead. Its logger process
-prints speed lines per shard; img2dataset spawns it, so a subclass that discards that process's output
-stands in for it.
+prints speed lines per shard; a subclass that discards that process's output stands in for it.
 
 Imports img2dataset (and so torch): import this module where img2dataset runs, not at a stage's import.
 """
@@ -18,10 +17,10 @@ import functools
 import importlib
 from typing import Any
 
-from img2dataset.logger import LoggerProcess
 from tqdm import tqdm
 
 from rs5m.verbosity import discard_output_unless_verbose, is_verbose
+from tasks.img2dataset_processes import ForkServerLoggerProcess
 
 # by name: `img2dataset.main` the attribute is a function (the package re-exports it)
 MAIN = importlib.import_module("img2dataset.main")
@@ -30,13 +29,12 @@ DISTRIBUTOR = importlib.import_module("img2dataset.distributor")
 PRINTING_MODULES = (MAIN, READER, DISTRIBUTOR)
 
 
-class QuietLoggerProcess(LoggerProcess):
-    """img2dataset's logger process, its output discarded unless the run is verbose (decided in the spawned
-    process, from the environment it inherited)."""
+class QuietLoggerProcess(ForkServerLoggerProcess):
+    """img2dataset's logger process, its output discarded unless the run is verbose (decided in the child
+    process, from the environment of the process that created it)."""
 
-    def run(self) -> None:
+    def prepare_child(self) -> None:
         discard_output_unless_verbose()
-        super().run()
 
 
 def _discard(*args: Any, **kwargs: Any) -> None:
