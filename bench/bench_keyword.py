@@ -7,8 +7,8 @@ of --repeats (the cases take turns), and the median of the turns' own ratios:
   (b) one bare pc.match_substring_regex with a 13-keyword pattern,
   (c) KeywordMatcher.match,
   (d) filter_shard on an INGEST_SCHEMA table holding the column,
-with the shipped keyword list --lists (default: the config's), the exclusion list of the same version where one
-is shipped (rs-v1) or else the default, and the default places.
+with the shipped keyword list --lists (default: the config's) and the exclusion and places lists it was released
+with.
 c/a and d/a are the matcher's and the stage's speed relative to the bare pass of their own prefilter pattern.
 
     .venv/bin/python bench/bench_keyword.py --rows 2000000 [--lists rs-v1]
@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from rs5m.config import KeywordConfig
 from storage.schemas import INGEST_SCHEMA
-from tasks.keyword import KeywordMatcher, filter_shard, resolve_list
+from tasks.keyword import KeywordMatcher, filter_shard
 
 DATA = SHARED_DATA / "web_captions"
 CC3M_TSV = DATA / "Validation_GCC-1.1.0-Validation.tsv"
@@ -80,14 +80,23 @@ def timed_turns(repeats: int, cases: dict[str, Callable[[], object]]) -> dict[st
     return times
 
 
+# keyword list version -> the (exclusions, places) versions it was released and measured with
+RELEASED_WITH = {
+    "rs-v1": ("rs-v1", "rs-v2"),  # rs-v1 uses no places: never read
+    "rs-v2": ("rs-v2", "rs-v2"),
+    "rs-v3": ("rs-v2", "rs-v2"),
+    "rs-v4": ("rs-v2", "rs-v2"),
+    "rs-v5": ("rs-v2", "rs-v3"),
+}
+
+
 def lists_config(version: str) -> KeywordConfig:
-    """The keyword config of a shipped keyword list version: rs-v1 has exclusions of its own, later versions
-    keep the default exclusions (rs-v3 and rs-v4 changed only the keywords)."""
-    try:
-        resolve_list(version, "exclusions")
-    except ValueError:
-        return KeywordConfig(keywords=version)
-    return KeywordConfig(keywords=version, exclusions=version)
+    """The keyword config of a shipped keyword list version, with the exclusion and places lists it was
+    released with."""
+    if version not in RELEASED_WITH:
+        sys.exit(f"bench_keyword: --lists {version!r}: choose one of {', '.join(RELEASED_WITH)}")
+    exclusions, places = RELEASED_WITH[version]
+    return KeywordConfig(keywords=version, exclusions=exclusions, places=places)
 
 
 def main() -> None:
@@ -106,8 +115,8 @@ def main() -> None:
     parser.add_argument(
         "--lists",
         default=KeywordConfig().keywords,
-        help=f"shipped keyword list version (default {KeywordConfig().keywords}); its exclusions: the version of "
-        "the same name where one is shipped (rs-v1), else the default",
+        help=f"shipped keyword list version (default {KeywordConfig().keywords}), with the exclusion and places "
+        "lists it was released with",
     )
     args = parser.parse_args()
 

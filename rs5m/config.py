@@ -105,18 +105,18 @@ class IngestConfig(Strict):
 
 
 class KeywordConfig(Strict):
-    # Each list has its own versions: rs-v3 and rs-v4 changed only the keywords, so the exclusions and places
-    # are rs-v2's.
+    # Each list has its own versions: rs-v3 to rs-v5 changed the keywords, rs-v5 the places too (rs-v3
+    # places), so the exclusions are rs-v2's.
     keywords: str = Field(
-        "rs-v4",
-        description="Shipped keyword list version (rs-v4, rs-v3, rs-v2, rs-v1) or a path to a keyword file.",
+        "rs-v5",
+        description="Shipped keyword list version (rs-v5, rs-v4, rs-v3, rs-v2, rs-v1) or a path to a keyword file.",
     )
     exclusions: str = Field(
         "rs-v2", description="Shipped exclusion list version (rs-v2, rs-v1) or a path to an exclusion file."
     )
     places: str = Field(
-        "rs-v2",
-        description="Shipped places list version (rs-v2) or a path to one: the words a `CUE ~place` entry "
+        "rs-v3",
+        description="Shipped places list version (rs-v3, rs-v2) or a path to one: the words a `CUE ~place` entry "
         "needs nearby. Read only by lists with such entries (its content is then part of the stage identity).",
         json_schema_extra=_CONTENT_HASHED,
     )

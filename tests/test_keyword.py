@@ -119,6 +119,12 @@ def ingest_table(captions: list[str | None]) -> pa.Table:
         ("the valley from 1.500m", "from <thousands> m"),
         ("Alps from the window of an airplane", "window of an airplane"),
         ("Looking down on the harbour at dusk", "looking down on ~place"),
+        # rs-v5: stock-footage drone and flight phrasing, heights above Earth, rs-v3 places
+        ("Beautiful sunset view with drone", "view with drone"),
+        ("shooting from the drone down to the bridge", "from the drone ~place"),
+        ("Fly over the vineyards of Chianti", "^fly over"),
+        ("Top view panning over english moorland", "top view ~place"),
+        ("the Gulf Coast from 225 miles above Earth", "miles above earth"),
     ],
 )
 def test_shipped_list_matches_variants(shipped: KeywordMatcher, caption: str, keyword: str) -> None:
@@ -179,7 +185,7 @@ def test_shipped_exclusions_veto(shipped: KeywordMatcher, caption: str, exclusio
 
 @pytest.mark.parametrize(
     ("keywords", "exclusions"),
-    [("rs-v1", "rs-v1"), ("rs-v2", "rs-v2"), ("rs-v3", "rs-v2"), ("rs-v4", "rs-v2")],
+    [("rs-v1", "rs-v1"), ("rs-v2", "rs-v2"), ("rs-v3", "rs-v2"), ("rs-v4", "rs-v2"), ("rs-v5", "rs-v2")],
 )
 def test_every_shipped_exclusion_vetoes_a_keyword(keywords: str, exclusions: str) -> None:
     # An exclusion with no keyword inside would never veto anything: a dead entry. A proximity exclusion
@@ -287,7 +293,7 @@ def test_identity_follows_list_contents(tmp_path: Path, shipped: KeywordMatcher)
     changed = custom(tmp_path, ["aerial", "satellite image"], ["tv aerial", "aerial yoga"])
     assert base.identity == reformatted.identity
     assert base.identity != changed.identity
-    named = KeywordConfig(keywords="rs-v4", exclusions="rs-v2", places="rs-v2")
+    named = KeywordConfig(keywords="rs-v5", exclusions="rs-v2", places="rs-v3")
     assert shipped.identity == KeywordMatcher.from_config(named).identity
     assert len(shipped.identity) == 64
 
@@ -452,8 +458,8 @@ def _pipeline(keyword: dict) -> dict:
 
 
 def test_places_config(tmp_path: Path) -> None:
-    assert KeywordConfig().places == KeywordConfig().exclusions == "rs-v2"
-    assert KeywordConfig().keywords == "rs-v4"
+    assert KeywordConfig().exclusions == "rs-v2"
+    assert (KeywordConfig().keywords, KeywordConfig().places) == ("rs-v5", "rs-v3")
     with pytest.raises(
         ValueError, match=r"unknown exclusions list version 'rs-v3' \(shipped: rs-v1, rs-v2\)"
     ):
@@ -472,7 +478,7 @@ def test_places_config(tmp_path: Path) -> None:
     assert KEYWORD.fingerprint(parse_config(_pipeline(v1))) == KEYWORD.fingerprint(
         parse_config(_pipeline({**v1, "places": str(tmp_path / "my-places.txt")}))
     )
-    (tmp_path / "copy.txt").write_text(resolve_list("rs-v2", "places").read_text())
+    (tmp_path / "copy.txt").write_text(resolve_list("rs-v3", "places").read_text())
     assert KEYWORD.fingerprint(parse_config(_pipeline({}))) == KEYWORD.fingerprint(
         parse_config(_pipeline({"places": str(tmp_path / "copy.txt")}))
     )
@@ -566,7 +572,7 @@ def test_labelled_captions_split_sizes() -> None:
 
 @pytest.fixture(scope="module")
 def rs_v2() -> KeywordMatcher:
-    return KeywordMatcher.from_config(KeywordConfig(keywords="rs-v2"))
+    return KeywordMatcher.from_config(KeywordConfig(keywords="rs-v2", places="rs-v2"))
 
 
 def test_rs_v1_precision_and_recall_on_labelled_captions(rs_v1: KeywordMatcher) -> None:
@@ -605,7 +611,7 @@ def test_rs_v2_precision_and_recall_on_labelled_captions(rs_v2: KeywordMatcher) 
 
 @pytest.fixture(scope="module")
 def rs_v3() -> KeywordMatcher:
-    return KeywordMatcher.from_config(KeywordConfig(keywords="rs-v3"))
+    return KeywordMatcher.from_config(KeywordConfig(keywords="rs-v3", places="rs-v2"))
 
 
 def test_rs_v3_precision_and_recall_on_labelled_captions(rs_v3: KeywordMatcher) -> None:
@@ -628,23 +634,36 @@ def test_rs_v3_precision_and_recall_on_labelled_captions(rs_v3: KeywordMatcher) 
     assert confusion(rs_v3, "heldout-4") == (32, 0, 4, 1148)
 
 
-def test_rs_v4_precision_and_recall_on_labelled_captions(shipped: KeywordMatcher) -> None:
-    """rs-v4 (the default), recall first, tuned on every split but heldout-4 (and on 1,140 WebVid stock-video
-    captions that are not in the repository: README). heldout-4 (1,184 Bing photo titles of 2024-2026,
-    labelled by annotators who never saw the lists or their output) was measured once, after rs-v4 was
-    written, and not tuned on.
+@pytest.fixture(scope="module")
+def rs_v4() -> KeywordMatcher:
+    return KeywordMatcher.from_config(KeywordConfig(keywords="rs-v4", places="rs-v2"))
 
-    Measured: tune tp 98, fp 9, fn 1; heldout-1 37 of 37; tune-2 13 of 13; heldout-2 16 of 16; heldout-3
-    116 of 116, one false positive ("The moon as seen from the International Space Station"); heldout-4
-    33 of 36, no false positive: recall 0.917, below the issue's 0.97 (the misses: one photo's two titles,
+
+def test_rs_v4_precision_and_recall_on_labelled_captions(rs_v4: KeywordMatcher) -> None:
+    """rs-v4 (a frozen version: exact counts), tuned on every split but heldout-4 (and on 1,140 WebVid
+    stock-video captions that are not in the repository: README). heldout-4 (1,184 Bing photo titles of
+    2024-2026, labelled by annotators who never saw the lists or their output) was measured once, after
+    rs-v4 was written: 33 of 36, recall 0.917, below the issue's 0.97 (the misses: one photo's two titles,
     "from 225 miles above Earth" and "from 350 kilometres above Earth", and "Oktoberfest in Munich from a
-    high view"). All rows: precision 0.97.
-    The thresholds sit just below the measurements: a list edit that loses what rs-v4 finds fails.
+    high view"). rs-v5 was tuned on them.
     """
-    for split in ("tune", "heldout-1", "tune-2", "heldout-2", "heldout-3"):
+    assert confusion(rs_v4, "tune") == (98, 9, 1, 212)
+    assert confusion(rs_v4, "heldout-1") == (37, 0, 0, 205)
+    assert confusion(rs_v4, "tune-2") == (13, 0, 0, 628)
+    assert confusion(rs_v4, "heldout-2") == (16, 0, 0, 635)
+    assert confusion(rs_v4, "heldout-3") == (116, 1, 0, 3868)
+    assert confusion(rs_v4, "heldout-4") == (33, 0, 3, 1148)
+
+
+def test_rs_v5_precision_and_recall_on_labelled_captions(shipped: KeywordMatcher) -> None:
+    """rs-v5 (the default, with the rs-v3 places), recall first, tuned on every split here and on WebVid
+    stock-video captions that are not in the repository; measured once on 2,283 more WebVid captions it
+    was not tuned on: 199 of 222, recall 0.896 (README: the 0.97 target is not reached on captions never
+    seen). Here: tune tp 98, fp 9, fn 1; heldout-1 to heldout-3 as rs-v4; heldout-4 35 of 36.
+    The thresholds sit just below the measurements: a list edit that loses what rs-v5 finds fails.
+    """
+    for split in ("tune", "heldout-1", "tune-2", "heldout-2", "heldout-3", "heldout-4"):
         tp, fp, fn, _ = confusion(shipped, split)
         assert tp / (tp + fn) >= 0.97, (split, tp, fp, fn)
-    tp, fp, fn, _ = confusion(shipped, "heldout-4")
-    assert tp / (tp + fn) >= 0.9 and fp <= 1, (tp, fp, fn)
     tp, fp, fn, _ = confusion(shipped, None)
-    assert tp / (tp + fp) >= 0.96, (tp, fp, fn)
+    assert tp / (tp + fp) >= 0.96 and fn <= 3, (tp, fp, fn)
