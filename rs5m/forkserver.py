@@ -1,9 +1,11 @@
 """multiprocessing's forkserver, shared by everything in a process that starts children from it.
 
 A process has one forkserver, started on first use with the modules it imports then (its preload), and each
-child is a fork of it. The preload is a process-wide setting, so the users add to it here rather than set
-it: the CLIP decode pool (models/clip.py) and img2dataset's workers (tasks/img2dataset_processes.py) each
-name what their children need, and whichever starts the server first gives it everything named so far.
+child is a fork of it, so a child starts in milliseconds with those modules imported. The preload is a
+process-wide setting and the server starts once, so it names what every kind of child in the project runs,
+whichever starts the server first: the CLIP decode pool (models/clip.py; and the main module, as spawn
+would import it) and img2dataset's workers and logger (tasks/img2dataset_processes.py). Importing these
+costs the server some seconds once per process, where spawned children paid it each.
 Standard library only.
 """
 
@@ -12,20 +14,15 @@ from __future__ import annotations
 import multiprocessing
 from multiprocessing.context import BaseContext
 
-_preload: dict[str, None] = {}  # an ordered set
-
-
-def preload(*modules: str) -> None:
-    """Have the forkserver import `modules` when it starts (no effect on one already running)."""
-    _preload.update(dict.fromkeys(modules))
-    multiprocessing.get_context("forkserver").set_forkserver_preload(list(_preload))
+PRELOAD = ["__main__", "models.clip", "img2dataset", "tasks.fetch", "tasks.img2dataset_output"]
 
 
 def available() -> bool:
     return "forkserver" in multiprocessing.get_all_start_methods()
 
 
-def context(*modules: str) -> BaseContext:
-    """The forkserver context, with `modules` added to its preload."""
-    preload(*modules)
-    return multiprocessing.get_context("forkserver")
+def context() -> BaseContext:
+    """The forkserver context, its preload set (no effect on a server already running)."""
+    forkserver = multiprocessing.get_context("forkserver")
+    forkserver.set_forkserver_preload(PRELOAD)
+    return forkserver

@@ -31,8 +31,6 @@ from img2dataset.logger import LoggerProcess
 from rs5m import forkserver
 
 DISTRIBUTOR = importlib.import_module("img2dataset.distributor")
-# Imported once, in the forkserver: what the workers and the logger unpickle and run.
-PRELOAD = ["img2dataset", "tasks.fetch", "tasks.img2dataset_output"]
 STANDARD_STREAMS = (1, 2)
 
 
@@ -113,5 +111,5 @@ def start_from_forkserver() -> None:
             "img2dataset.distributor no longer starts its pool with multiprocessing.get_context: its "
             "workers cannot start from the forkserver; see tasks/img2dataset_processes.py"
         )
-    forkserver.preload(*PRELOAD)
+    forkserver.context()  # its preload: img2dataset, and what the workers and the logger unpickle
     DISTRIBUTOR.get_context = _forkserver_context
