@@ -11,7 +11,8 @@ order:
          the marker and the scratch clean-up.
 Both call `tasks.download._img2dataset_download()` (img2dataset.download with its SIGINT handler
 patched out), so they run the same function; the bench wraps it to add up the seconds spent inside it.
-img2dataset's start-up (~4 s per call, more on a loaded machine) varies a lot from call to call, so besides
+img2dataset's start-up (its pool and logger fork from the process's forkserver, tasks/img2dataset_processes.py;
+the first call of the process starts that server) varies from call to call, so besides
 the wall-time ratio the bench reports the stage's time outside img2dataset, which that noise does not touch,
 and the ratio it implies: (bare + stage time outside img2dataset) / bare. img2dataset's own output goes to
 a log file unless --verbose.
@@ -46,8 +47,8 @@ if TYPE_CHECKING:
     from storage.layout import Layout
 
 
-# The heavy imports (pyarrow, prefect via tasks.download, img2dataset) live inside the functions: img2dataset
-# spawns its workers, and a spawned worker re-imports this file as its main module.
+# The heavy imports (pyarrow, prefect via tasks.download, img2dataset) live inside the functions: the
+# forkserver img2dataset's workers fork from imports this file as its main module (rs5m/forkserver.py).
 
 RUN_ID = "bench-download"
 IMAGE_SIDE = 256

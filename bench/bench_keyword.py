@@ -87,6 +87,7 @@ RELEASED_WITH = {
     "rs-v3": ("rs-v2", "rs-v2"),
     "rs-v4": ("rs-v2", "rs-v2"),
     "rs-v5": ("rs-v2", "rs-v3"),
+    "rs-v6": ("rs-v2", "rs-v3"),
 }
 
 

@@ -105,11 +105,11 @@ class IngestConfig(Strict):
 
 
 class KeywordConfig(Strict):
-    # Each list has its own versions: rs-v3 to rs-v5 changed the keywords, rs-v5 the places too (rs-v3
-    # places), so the exclusions are rs-v2's.
+    # Each list has its own versions: rs-v3 to rs-v6 changed the keywords, rs-v5 came with rs-v3 places, and
+    # the exclusions are still rs-v2's.
     keywords: str = Field(
-        "rs-v5",
-        description="Shipped keyword list version (rs-v5, rs-v4, rs-v3, rs-v2, rs-v1) or a path to a keyword file.",
+        "rs-v6",
+        description="Shipped keyword list version (rs-v6 ... rs-v1) or a path to a keyword file.",
     )
     exclusions: str = Field(
         "rs-v2", description="Shipped exclusion list version (rs-v2, rs-v1) or a path to an exclusion file."

@@ -125,6 +125,12 @@ def ingest_table(captions: list[str | None]) -> pa.Table:
         ("Fly over the vineyards of Chianti", "^fly over"),
         ("Top view panning over english moorland", "top view ~place"),
         ("the Gulf Coast from 225 miles above Earth", "miles above earth"),
+        # rs-v6: first-person titles of photos taken from the air
+        ("Mt. Rainier outside my plane window [OC]", "plane window"),
+        ("Mount Fuji as seen on my flight back home", "on my flight"),
+        ("Popped the drone up at Price Point", "the drone up"),
+        ("Ballooning over the Yorkshire Dales", "ballooning over"),
+        ("Greenland sea ice, cruising at 38,000 feet", "cruising at <thousands>"),
     ],
 )
 def test_shipped_list_matches_variants(shipped: KeywordMatcher, caption: str, keyword: str) -> None:
@@ -185,7 +191,14 @@ def test_shipped_exclusions_veto(shipped: KeywordMatcher, caption: str, exclusio
 
 @pytest.mark.parametrize(
     ("keywords", "exclusions"),
-    [("rs-v1", "rs-v1"), ("rs-v2", "rs-v2"), ("rs-v3", "rs-v2"), ("rs-v4", "rs-v2"), ("rs-v5", "rs-v2")],
+    [
+        ("rs-v1", "rs-v1"),
+        ("rs-v2", "rs-v2"),
+        ("rs-v3", "rs-v2"),
+        ("rs-v4", "rs-v2"),
+        ("rs-v5", "rs-v2"),
+        ("rs-v6", "rs-v2"),
+    ],
 )
 def test_every_shipped_exclusion_vetoes_a_keyword(keywords: str, exclusions: str) -> None:
     # An exclusion with no keyword inside would never veto anything: a dead entry. A proximity exclusion
@@ -293,7 +306,7 @@ def test_identity_follows_list_contents(tmp_path: Path, shipped: KeywordMatcher)
     changed = custom(tmp_path, ["aerial", "satellite image"], ["tv aerial", "aerial yoga"])
     assert base.identity == reformatted.identity
     assert base.identity != changed.identity
-    named = KeywordConfig(keywords="rs-v5", exclusions="rs-v2", places="rs-v3")
+    named = KeywordConfig(keywords="rs-v6", exclusions="rs-v2", places="rs-v3")
     assert shipped.identity == KeywordMatcher.from_config(named).identity
     assert len(shipped.identity) == 64
 
@@ -459,7 +472,7 @@ def _pipeline(keyword: dict) -> dict:
 
 def test_places_config(tmp_path: Path) -> None:
     assert KeywordConfig().exclusions == "rs-v2"
-    assert (KeywordConfig().keywords, KeywordConfig().places) == ("rs-v5", "rs-v3")
+    assert (KeywordConfig().keywords, KeywordConfig().places) == ("rs-v6", "rs-v3")
     with pytest.raises(
         ValueError, match=r"unknown exclusions list version 'rs-v3' \(shipped: rs-v1, rs-v2\)"
     ):
@@ -567,6 +580,8 @@ def test_labelled_captions_split_sizes() -> None:
         ("heldout-3", "0"): 3869,
         ("heldout-4", "1"): 36,
         ("heldout-4", "0"): 1148,
+        ("heldout-5", "1"): 38,
+        ("heldout-5", "0"): 2562,
     }
 
 
@@ -590,6 +605,7 @@ def test_rs_v1_precision_and_recall_on_labelled_captions(rs_v1: KeywordMatcher) 
     assert confusion(rs_v1, "heldout-2") == (13, 0, 3, 635)
     assert confusion(rs_v1, "heldout-3") == (101, 0, 15, 3869)
     assert confusion(rs_v1, "heldout-4") == (29, 0, 7, 1148)
+    assert confusion(rs_v1, "heldout-5") == (7, 0, 31, 2562)
 
 
 def test_rs_v2_precision_and_recall_on_labelled_captions(rs_v2: KeywordMatcher) -> None:
@@ -607,6 +623,7 @@ def test_rs_v2_precision_and_recall_on_labelled_captions(rs_v2: KeywordMatcher) 
     assert confusion(rs_v2, "heldout-2") == (16, 0, 0, 635)
     assert confusion(rs_v2, "heldout-3") == (110, 1, 6, 3868)
     assert confusion(rs_v2, "heldout-4") == (32, 0, 4, 1148)
+    assert confusion(rs_v2, "heldout-5") == (8, 1, 30, 2561)
 
 
 @pytest.fixture(scope="module")
@@ -632,6 +649,7 @@ def test_rs_v3_precision_and_recall_on_labelled_captions(rs_v3: KeywordMatcher) 
     assert confusion(rs_v3, "heldout-2") == (16, 0, 0, 635)
     assert confusion(rs_v3, "heldout-3") == (110, 1, 6, 3868)
     assert confusion(rs_v3, "heldout-4") == (32, 0, 4, 1148)
+    assert confusion(rs_v3, "heldout-5") == (9, 1, 29, 2561)
 
 
 @pytest.fixture(scope="module")
@@ -653,17 +671,43 @@ def test_rs_v4_precision_and_recall_on_labelled_captions(rs_v4: KeywordMatcher) 
     assert confusion(rs_v4, "heldout-2") == (16, 0, 0, 635)
     assert confusion(rs_v4, "heldout-3") == (116, 1, 0, 3868)
     assert confusion(rs_v4, "heldout-4") == (33, 0, 3, 1148)
+    assert confusion(rs_v4, "heldout-5") == (10, 5, 28, 2557)
 
 
-def test_rs_v5_precision_and_recall_on_labelled_captions(shipped: KeywordMatcher) -> None:
-    """rs-v5 (the default, with the rs-v3 places), recall first, tuned on every split here and on WebVid
-    stock-video captions that are not in the repository; measured once on 2,283 more WebVid captions it
-    was not tuned on: 199 of 222, recall 0.896 (README: the 0.97 target is not reached on captions never
-    seen). Here: tune tp 98, fp 9, fn 1; heldout-1 to heldout-3 as rs-v4; heldout-4 35 of 36.
-    The thresholds sit just below the measurements: a list edit that loses what rs-v5 finds fails.
+@pytest.fixture(scope="module")
+def rs_v5() -> KeywordMatcher:
+    return KeywordMatcher.from_config(KeywordConfig(keywords="rs-v5", places="rs-v3"))
+
+
+def test_rs_v5_precision_and_recall_on_labelled_captions(rs_v5: KeywordMatcher) -> None:
+    """rs-v5 (a frozen version, with the rs-v3 places: exact counts), tuned on tune to heldout-4 and on
+    WebVid stock-video captions that are not in the repository; measured once on 2,283 more WebVid captions
+    it was not tuned on (199 of 222, recall 0.896) and on heldout-5 (2,600 r/EarthPorn post titles, labelled
+    after it was written): 10 of 38, recall 0.263, five false positives. Reddit titles tell of photos taken
+    from planes, helicopters and drones in the first person ("Took this out of my airplane window"); rs-v6
+    was tuned on them.
+    """
+    assert confusion(rs_v5, "tune") == (98, 9, 1, 212)
+    assert confusion(rs_v5, "heldout-1") == (37, 0, 0, 205)
+    assert confusion(rs_v5, "tune-2") == (13, 0, 0, 628)
+    assert confusion(rs_v5, "heldout-2") == (16, 0, 0, 635)
+    assert confusion(rs_v5, "heldout-3") == (116, 1, 0, 3868)
+    assert confusion(rs_v5, "heldout-4") == (35, 0, 1, 1148)
+    assert confusion(rs_v5, "heldout-5") == (10, 5, 28, 2557)
+
+
+def test_rs_v6_precision_and_recall_on_labelled_captions(shipped: KeywordMatcher) -> None:
+    """rs-v6 (the default, with the rs-v3 places), recall first, tuned on every split here (heldout-5 after
+    rs-v5 was measured on it) and on WebVid captions that are not in the repository; not yet measured on
+    captions it was not tuned on (README). Here: tune tp 98, fp 10, fn 1; heldout-1 to heldout-3 as rs-v4;
+    heldout-4 35 of 36; heldout-5 32 of 38 with 9 false positives (mountain-top altitudes, a view from a
+    rim, a flight to a canyon).
+    The thresholds sit just below the measurements: a list edit that loses what rs-v6 finds fails.
     """
     for split in ("tune", "heldout-1", "tune-2", "heldout-2", "heldout-3", "heldout-4"):
         tp, fp, fn, _ = confusion(shipped, split)
         assert tp / (tp + fn) >= 0.97, (split, tp, fp, fn)
+    tp, fp, fn, _ = confusion(shipped, "heldout-5")
+    assert tp / (tp + fn) >= 0.84, (tp, fp, fn)
     tp, fp, fn, _ = confusion(shipped, None)
-    assert tp / (tp + fp) >= 0.96 and fn <= 3, (tp, fp, fn)
+    assert tp / (tp + fp) >= 0.94 and fn <= 8, (tp, fp, fn)
