@@ -582,6 +582,8 @@ def test_labelled_captions_split_sizes() -> None:
         ("heldout-4", "0"): 1148,
         ("heldout-5", "1"): 38,
         ("heldout-5", "0"): 2562,
+        ("heldout-6", "1"): 186,
+        ("heldout-6", "0"): 2001,
     }
 
 
@@ -606,6 +608,7 @@ def test_rs_v1_precision_and_recall_on_labelled_captions(rs_v1: KeywordMatcher) 
     assert confusion(rs_v1, "heldout-3") == (101, 0, 15, 3869)
     assert confusion(rs_v1, "heldout-4") == (29, 0, 7, 1148)
     assert confusion(rs_v1, "heldout-5") == (7, 0, 31, 2562)
+    assert confusion(rs_v1, "heldout-6") == (104, 5, 82, 1996)
 
 
 def test_rs_v2_precision_and_recall_on_labelled_captions(rs_v2: KeywordMatcher) -> None:
@@ -624,6 +627,7 @@ def test_rs_v2_precision_and_recall_on_labelled_captions(rs_v2: KeywordMatcher) 
     assert confusion(rs_v2, "heldout-3") == (110, 1, 6, 3868)
     assert confusion(rs_v2, "heldout-4") == (32, 0, 4, 1148)
     assert confusion(rs_v2, "heldout-5") == (8, 1, 30, 2561)
+    assert confusion(rs_v2, "heldout-6") == (115, 6, 71, 1995)
 
 
 @pytest.fixture(scope="module")
@@ -650,6 +654,7 @@ def test_rs_v3_precision_and_recall_on_labelled_captions(rs_v3: KeywordMatcher) 
     assert confusion(rs_v3, "heldout-3") == (110, 1, 6, 3868)
     assert confusion(rs_v3, "heldout-4") == (32, 0, 4, 1148)
     assert confusion(rs_v3, "heldout-5") == (9, 1, 29, 2561)
+    assert confusion(rs_v3, "heldout-6") == (121, 6, 65, 1995)
 
 
 @pytest.fixture(scope="module")
@@ -672,6 +677,7 @@ def test_rs_v4_precision_and_recall_on_labelled_captions(rs_v4: KeywordMatcher) 
     assert confusion(rs_v4, "heldout-3") == (116, 1, 0, 3868)
     assert confusion(rs_v4, "heldout-4") == (33, 0, 3, 1148)
     assert confusion(rs_v4, "heldout-5") == (10, 5, 28, 2557)
+    assert confusion(rs_v4, "heldout-6") == (127, 7, 59, 1994)
 
 
 @pytest.fixture(scope="module")
@@ -694,20 +700,22 @@ def test_rs_v5_precision_and_recall_on_labelled_captions(rs_v5: KeywordMatcher) 
     assert confusion(rs_v5, "heldout-3") == (116, 1, 0, 3868)
     assert confusion(rs_v5, "heldout-4") == (35, 0, 1, 1148)
     assert confusion(rs_v5, "heldout-5") == (10, 5, 28, 2557)
+    assert confusion(rs_v5, "heldout-6") == (127, 7, 59, 1994)
 
 
 def test_rs_v6_precision_and_recall_on_labelled_captions(shipped: KeywordMatcher) -> None:
-    """rs-v6 (the default, with the rs-v3 places), recall first, tuned on every split here (heldout-5 after
-    rs-v5 was measured on it) and on WebVid captions that are not in the repository; not yet measured on
-    captions it was not tuned on (README). Here: tune tp 98, fp 10, fn 1; heldout-1 to heldout-3 as rs-v4;
-    heldout-4 35 of 36; heldout-5 32 of 38 with 9 false positives (mountain-top altitudes, a view from a
-    rim, a flight to a canyon).
-    The thresholds sit just below the measurements: a list edit that loses what rs-v6 finds fails.
+    """rs-v6 (the default, with the rs-v3 places; exact counts), recall first, tuned on tune to heldout-5
+    (heldout-5 after rs-v5 was measured on it) and on WebVid captions that are not in the repository.
+    heldout-6 (2,187 Reddit titles from r/EarthPorn, r/CityPorn, r/AerialPorn and r/VillagePorn, labelled
+    after rs-v6 was written) was measured once: 137 of 186, recall 0.737, eight false positives. Its misses
+    are mostly a named city "from above", "from the sky" or "high above" (a city's name is no word of the
+    places list) and first-person flights ("Flying into Chicago", "Kauai from helicopter").
     """
-    for split in ("tune", "heldout-1", "tune-2", "heldout-2", "heldout-3", "heldout-4"):
-        tp, fp, fn, _ = confusion(shipped, split)
-        assert tp / (tp + fn) >= 0.97, (split, tp, fp, fn)
-    tp, fp, fn, _ = confusion(shipped, "heldout-5")
-    assert tp / (tp + fn) >= 0.84, (tp, fp, fn)
-    tp, fp, fn, _ = confusion(shipped, None)
-    assert tp / (tp + fp) >= 0.94 and fn <= 8, (tp, fp, fn)
+    assert confusion(shipped, "tune") == (98, 10, 1, 211)
+    assert confusion(shipped, "heldout-1") == (37, 0, 0, 205)
+    assert confusion(shipped, "tune-2") == (13, 0, 0, 628)
+    assert confusion(shipped, "heldout-2") == (16, 0, 0, 635)
+    assert confusion(shipped, "heldout-3") == (116, 1, 0, 3868)
+    assert confusion(shipped, "heldout-4") == (35, 0, 1, 1148)
+    assert confusion(shipped, "heldout-5") == (32, 9, 6, 2553)
+    assert confusion(shipped, "heldout-6") == (137, 8, 49, 1993)
