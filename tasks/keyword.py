@@ -16,9 +16,11 @@ The word `<thousands>` in an entry (rs-v4: "from <thousands> feet") stands for a
 with or without thousands separators.
 
 Speed: PUB11 starts from billions of captions, so the work is vectorised with pyarrow.compute (RE2). One
-loose, case-insensitive pass of the keyword alternation over the raw captions finds the few candidate rows
-(it accepts everything the exact match accepts); canonicalisation, exclusion masking and whole-word
-extraction then run on the candidates only. Each kernel call compiles its pattern, so the rarest step, the
+loose pass of the keyword alternation over the lower-cased captions finds the few candidate rows (it
+accepts everything the exact match accepts); canonicalisation, exclusion masking and whole-word extraction
+then run on the candidates only. The pass is case-sensitive on lower-cased text rather than case-insensitive
+on the raw text: case folding enlarges RE2's automaton, and past about 11,000 characters of alternation
+(rs-v6) its DFA ran out of memory and fell back to an engine 40-80x slower. Each kernel call compiles its pattern, so the rarest step, the
 few rows whose keyword an exclusion vetoed, runs in Python's re with the same semantics instead.
 """
 
@@ -297,10 +299,9 @@ class KeywordMatcher:
         through; position holds each caption's candidate index, null for the others (no keyword)."""
         if isinstance(captions, pa.ChunkedArray):
             captions = captions.combine_chunks()
-        is_candidate = pc.fill_null(
-            pc.match_substring_regex(captions, self.candidate_pattern, ignore_case=True), False
-        )
-        canonical = pc.utf8_lower(captions.filter(is_candidate))
+        lowered = pc.utf8_lower(captions)
+        is_candidate = pc.fill_null(pc.match_substring_regex(lowered, self.candidate_pattern), False)
+        canonical = lowered.filter(is_candidate)
         for pattern, replacement in _CANONICAL_STEPS:
             canonical = pc.replace_substring_regex(canonical, pattern, replacement)
         masked = canonical
