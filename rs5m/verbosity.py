@@ -3,8 +3,9 @@ errors of Prefect and the libraries; with `--verbose` also Prefect's own log lin
 finished, ...) and img2dataset's output (its progress bar, its "check your bandwidth speed" advice, its
 per-shard speed lines), as before there was a quiet default.
 
-Carried by an environment variable so that processes the run spawns (img2dataset's workers and logger
-process) inherit it. Standard library only: img2dataset's workers import this module.
+Carried by an environment variable so that processes the run starts (img2dataset's workers and logger
+process) get it with the rest of the environment (tasks/img2dataset_processes.py). Standard library only:
+img2dataset's workers import this module.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def set_verbose(verbose: bool) -> None:
 
 
 def discard_output_unless_verbose() -> None:
-    """In a process img2dataset spawned: point its stdout and stderr (the file descriptors, so C libraries
+    """In a process img2dataset started: point its stdout and stderr (the file descriptors, so C libraries
     and its own threads too) at /dev/null unless the run is verbose. Nothing that matters is lost: the
     failure of every URL is recorded per row in the download ledger (download_error and its detail), and a
     run with no result at all fails the stage in the calling process."""

@@ -3,13 +3,13 @@ per URL and Retry-After.
 
 img2dataset 1.47 fetches with `urllib.request.urlopen(request, timeout)` then `r.read()`
 (`img2dataset.downloader.download_image`), retried at once by the module-level `download_image_with_retry`,
-which `Downloader.download_shard` calls by its global name from a thread pool in spawned worker processes.
+which `Downloader.download_shard` calls by its global name from a thread pool in its worker processes.
 That lets a hostile server hold a URL for ever (a body or header block that trickles in never trips the
 per-operation timeout), redirect anywhere urllib reaches (127.0.0.1, ftp://), and get retried at once
 whatever its Retry-After says.
 
 `GuardedDownloader` stands in for `img2dataset.main.Downloader` (tasks.download installs it): it wraps
-img2dataset's own Downloader with a `FetchPolicy`. img2dataset pickles it to its spawned workers, where
+img2dataset's own Downloader with a `FetchPolicy`. img2dataset pickles it to its workers, where
 unpickling imports this module, and each call makes `download_with_retry` img2dataset's
 `download_image_with_retry` while img2dataset works on the shard. Reading the shard, writing the results,
 the X-Robots-Tag check (img2dataset's `is_disallowed`) and the User-Agent stay img2dataset's. The bytes are
