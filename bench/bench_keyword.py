@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from rs5m.config import KeywordConfig
 from storage.schemas import INGEST_SCHEMA
-from tasks.keyword import KeywordMatcher, filter_shard
+from tasks.keyword import RELEASED_WITH, KeywordMatcher, filter_shard, released_config
 
 DATA = SHARED_DATA / "web_captions"
 CC3M_TSV = DATA / "Validation_GCC-1.1.0-Validation.tsv"
@@ -82,24 +82,11 @@ def timed_turns(repeats: int, cases: dict[str, Callable[[], object]]) -> dict[st
     return times
 
 
-# keyword list version -> the (exclusions, places) versions it was released and measured with
-RELEASED_WITH = {
-    "rs-v1": ("rs-v1", "rs-v2"),  # rs-v1 uses no places: never read
-    "rs-v2": ("rs-v2", "rs-v2"),
-    "rs-v3": ("rs-v2", "rs-v2"),
-    "rs-v4": ("rs-v2", "rs-v2"),
-    "rs-v5": ("rs-v2", "rs-v3"),
-    "rs-v6": ("rs-v2", "rs-v3"),
-}
-
-
 def lists_config(version: str) -> KeywordConfig:
-    """The keyword config of a shipped keyword list version, with the exclusion and places lists it was
-    released with."""
+    """The keyword config of a shipped keyword list version, with the lists it was released with."""
     if version not in RELEASED_WITH:
         sys.exit(f"bench_keyword: --lists {version!r}: choose one of {', '.join(RELEASED_WITH)}")
-    exclusions, places = RELEASED_WITH[version]
-    return KeywordConfig(keywords=version, exclusions=exclusions, places=places)
+    return released_config(version)
 
 
 def main() -> None:

@@ -335,8 +335,8 @@ def _process_alive(pid: int) -> bool:
 def _decode_context() -> multiprocessing.context.BaseContext:
     """forkserver where there is one (rs5m/forkserver.py): its server is started by fork+exec and is
     single-threaded, it imports the main module and this one (torch, open_clip, PIL) once, and each process
-    forked from it starts in milliseconds; spawn elsewhere. Either way, as for every spawn-like start (and img2dataset), a script that
-    encodes at import time needs an `if __name__ == "__main__":` guard."""
+    forked from it starts in milliseconds; spawn elsewhere. Either way, as for every spawn-like start (and
+    img2dataset), a script that encodes at import time needs an `if __name__ == "__main__":` guard."""
     if forkserver.available():
         return forkserver.context()
     return multiprocessing.get_context("spawn")

@@ -20,8 +20,9 @@ loose pass of the keyword alternation over the lower-cased captions finds the fe
 accepts everything the exact match accepts); canonicalisation, exclusion masking and whole-word extraction
 then run on the candidates only. The pass is case-sensitive on lower-cased text rather than case-insensitive
 on the raw text: case folding enlarges RE2's automaton, and past about 11,000 characters of alternation
-(rs-v6) its DFA ran out of memory and fell back to an engine 40-80x slower. Each kernel call compiles its pattern, so the rarest step, the
-few rows whose keyword an exclusion vetoed, runs in Python's re with the same semantics instead.
+(rs-v6) its DFA ran out of memory and fell back to an engine 40-80x slower. Each kernel call compiles its
+pattern, so the rarest step, the few rows whose keyword an exclusion vetoed, runs in Python's re with the
+same semantics instead.
 """
 
 from __future__ import annotations
@@ -223,6 +224,24 @@ def _longest_first(phrases: list[Phrase]) -> list[Phrase]:
         return p.cue is not None, -len(example.split()), -len(example)
 
     return sorted(phrases, key=key)
+
+
+# Shipped keyword list version -> the (exclusions, places) versions it was released and measured with: with
+# them an older version matches as it always did.
+RELEASED_WITH = {
+    "rs-v1": ("rs-v1", "rs-v2"),  # rs-v1 has no proximity entries: its places are never read
+    "rs-v2": ("rs-v2", "rs-v2"),
+    "rs-v3": ("rs-v2", "rs-v2"),
+    "rs-v4": ("rs-v2", "rs-v2"),
+    "rs-v5": ("rs-v2", "rs-v3"),
+    "rs-v6": ("rs-v2", "rs-v3"),
+}
+
+
+def released_config(version: str) -> KeywordConfig:
+    """The keyword config of a shipped keyword list version, with the lists it was released with."""
+    exclusions, places = RELEASED_WITH[version]
+    return KeywordConfig(keywords=version, exclusions=exclusions, places=places)
 
 
 def resolve_list(value: str, kind: str) -> Path:

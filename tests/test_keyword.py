@@ -14,7 +14,16 @@ import pytest
 from rs5m.config import KeywordConfig, parse_config
 from rs5m.config_base import ConfigError
 from storage.schemas import DECISION_SCHEMA, INGEST_SCHEMA, KEYWORD_SCHEMA
-from tasks.keyword import KEYWORD, REASONS, KeywordMatcher, filter_shard, resolve_list
+from tasks.keyword import (
+    KEYWORD,
+    LISTS_DIR,
+    REASONS,
+    RELEASED_WITH,
+    KeywordMatcher,
+    filter_shard,
+    released_config,
+    resolve_list,
+)
 
 LABELS = Path(__file__).parent / "data" / "keyword_labels.csv"
 # KeywordMatcher(rs-v1).identity as rs-v1 shipped (before proximity entries existed): it must not move.
@@ -549,24 +558,25 @@ def test_filter_shard_empty_table(shipped: KeywordMatcher) -> None:
     assert outcome.decisions.num_rows == 0
 
 
-def confusion(matcher: KeywordMatcher, split: str | None) -> tuple[int, int, int, int]:
-    """(tp, fp, fn, tn) of the matcher's hits on the labelled captions of one split (None: all rows)."""
+@pytest.fixture(scope="module")
+def labelled() -> list[dict[str, str]]:
     with LABELS.open(encoding="utf-8", newline="") as f:
-        rows = [row for row in csv.DictReader(f) if split is None or row["split"] == split]
+        return list(csv.DictReader(f))
+
+
+def confusion_by_split(matcher: KeywordMatcher, rows: list[dict[str, str]]) -> dict[str, tuple[int, ...]]:
+    """Per split, (tp, fp, fn, tn) of the matcher's hits on the labelled captions."""
     keyword, _ = matcher.match(pa.array([row["caption"] for row in rows], pa.string()))
-    pairs = [(k is not None, row["is_rs"] == "1") for k, row in zip(keyword.to_pylist(), rows, strict=True)]
-    return (
-        sum(p and a for p, a in pairs),
-        sum(p and not a for p, a in pairs),
-        sum(a and not p for p, a in pairs),
-        sum(not p and not a for p, a in pairs),
-    )
+    counts: dict[str, list[int]] = {}
+    for found, row in zip(keyword.to_pylist(), rows, strict=True):
+        predicted, actual = found is not None, row["is_rs"] == "1"
+        cell = (0 if actual else 1) if predicted else (2 if actual else 3)
+        counts.setdefault(row["split"], [0, 0, 0, 0])[cell] += 1
+    return {split: tuple(cell) for split, cell in counts.items()}
 
 
-def test_labelled_captions_split_sizes() -> None:
-    with LABELS.open(encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
-    counts = Counter((row["split"], row["is_rs"]) for row in rows)
+def test_labelled_captions_split_sizes(labelled: list[dict[str, str]]) -> None:
+    counts = Counter((row["split"], row["is_rs"]) for row in labelled)
     assert counts == {
         ("tune", "1"): 99,
         ("tune", "0"): 221,
@@ -587,135 +597,43 @@ def test_labelled_captions_split_sizes() -> None:
     }
 
 
-@pytest.fixture(scope="module")
-def rs_v2() -> KeywordMatcher:
-    return KeywordMatcher.from_config(KeywordConfig(keywords="rs-v2", places="rs-v2"))
+SPLITS = ("tune", "heldout-1", "tune-2", "heldout-2", "heldout-3", "heldout-4", "heldout-5", "heldout-6")
+# (tp, fp, fn, tn) per split of every shipped keyword list, with the lists it was released with: a shipped list
+# never changes, so these are exact. What each split is, and which versions were tuned on it: README, "The RS
+# keyword filter". Measured before the version was tuned on it: rs-v2 on heldout-1 (its 12 misses are
+# RSICD/RSITMD captions, "... from high altitude"); rs-v3 on heldout-2 + 3 (126 of 132, 0.955: the ISS named
+# otherwise, a satellite by name, an altitude in feet, "looking down on" a place); rs-v4 on heldout-4 (33 of
+# 36: "from 225 miles above Earth" twice, "from a high view"); rs-v5 on heldout-5 (10 of 38: Reddit titles
+# told in the first person, "Took this out of my airplane window"); rs-v6 on heldout-6 (137 of 186: a named
+# city "from above" or "from the sky", flights in other words).
+# fmt: off
+MEASURED = {
+    "rs-v1": ((90, 5, 9, 216), (16, 0, 21, 205), (10, 0, 3, 628), (13, 0, 3, 635), (101, 0, 15, 3869),
+              (29, 0, 7, 1148), (7, 0, 31, 2562), (104, 5, 82, 1996)),
+    "rs-v2": ((98, 8, 1, 213), (25, 0, 12, 205), (13, 0, 0, 628), (16, 0, 0, 635), (110, 1, 6, 3868),
+              (32, 0, 4, 1148), (8, 1, 30, 2561), (115, 6, 71, 1995)),
+    "rs-v3": ((98, 8, 1, 213), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635), (110, 1, 6, 3868),
+              (32, 0, 4, 1148), (9, 1, 29, 2561), (121, 6, 65, 1995)),
+    "rs-v4": ((98, 9, 1, 212), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635), (116, 1, 0, 3868),
+              (33, 0, 3, 1148), (10, 5, 28, 2557), (127, 7, 59, 1994)),
+    "rs-v5": ((98, 9, 1, 212), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635), (116, 1, 0, 3868),
+              (35, 0, 1, 1148), (10, 5, 28, 2557), (127, 7, 59, 1994)),
+    "rs-v6": ((98, 10, 1, 211), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635), (116, 1, 0, 3868),
+              (35, 0, 1, 1148), (32, 9, 6, 2553), (137, 8, 49, 1993)),
+}
+# fmt: on
 
 
-def test_rs_v1_precision_and_recall_on_labelled_captions(rs_v1: KeywordMatcher) -> None:
-    """rs-v1 on the tune split: 320 hand-labelled CC3M/LAION captions (all 121 naive-regex hits, 110 random,
-    89 tricky), the captions it was built on.
-
-    Measured: tp 90, fp 5, fn 9, tn 216 -> precision 0.947, recall 0.909. On heldout-1 (242 captions labelled
-    before rs-v2 was written): tp 16, fp 0, fn 21, tn 205 -> recall 0.432. On the Bing photo titles: 10 of 13
-    (tune-2), 13 of 16 (heldout-2), 101 of 116 (heldout-3) and 29 of 36 (heldout-4).
-    """
-    tp, fp, fn, tn = confusion(rs_v1, "tune")
-    assert (tp, fp, fn, tn) == (90, 5, 9, 216)
-    assert confusion(rs_v1, "heldout-1") == (16, 0, 21, 205)
-    assert confusion(rs_v1, "tune-2") == (10, 0, 3, 628)
-    assert confusion(rs_v1, "heldout-2") == (13, 0, 3, 635)
-    assert confusion(rs_v1, "heldout-3") == (101, 0, 15, 3869)
-    assert confusion(rs_v1, "heldout-4") == (29, 0, 7, 1148)
-    assert confusion(rs_v1, "heldout-5") == (7, 0, 31, 2562)
-    assert confusion(rs_v1, "heldout-6") == (104, 5, 82, 1996)
+def test_every_shipped_list_is_measured_with_the_lists_it_was_released_with() -> None:
+    shipped_versions = {path.name.removesuffix(".keywords.txt") for path in LISTS_DIR.glob("*.keywords.txt")}
+    assert set(RELEASED_WITH) == set(MEASURED) == shipped_versions
+    default = KeywordConfig()
+    assert RELEASED_WITH[default.keywords] == (default.exclusions, default.places)
 
 
-def test_rs_v2_precision_and_recall_on_labelled_captions(rs_v2: KeywordMatcher) -> None:
-    """rs-v2 (a frozen version: exact counts), tuned on the tune split only.
-
-    tune (320): precision 0.925, recall 0.990; its one miss is "top down view of a man traveling in a ferry
-    boat" (no place within 4 words of the cue). heldout-1 (242, labelled before rs-v2 and never used to
-    choose its phrases): recall 0.676; its 12 misses are RSICD/RSITMD captions ("... from high altitude",
-    "looking down from a height"). On the Bing photo titles, labelled before rs-v3 was written and never
-    seen by rs-v2: tune-2 13/13, heldout-2 16/16, heldout-3 110/116 with one false positive; heldout-4 32/36.
-    """
-    assert confusion(rs_v2, "tune") == (98, 8, 1, 213)
-    assert confusion(rs_v2, "heldout-1") == (25, 0, 12, 205)
-    assert confusion(rs_v2, "tune-2") == (13, 0, 0, 628)
-    assert confusion(rs_v2, "heldout-2") == (16, 0, 0, 635)
-    assert confusion(rs_v2, "heldout-3") == (110, 1, 6, 3868)
-    assert confusion(rs_v2, "heldout-4") == (32, 0, 4, 1148)
-    assert confusion(rs_v2, "heldout-5") == (8, 1, 30, 2561)
-    assert confusion(rs_v2, "heldout-6") == (115, 6, 71, 1995)
-
-
-@pytest.fixture(scope="module")
-def rs_v3() -> KeywordMatcher:
-    return KeywordMatcher.from_config(KeywordConfig(keywords="rs-v3", places="rs-v2"))
-
-
-def test_rs_v3_precision_and_recall_on_labelled_captions(rs_v3: KeywordMatcher) -> None:
-    """rs-v3 (a frozen version: exact counts), tuned on tune, heldout-1 (after rs-v2 was measured on it) and
-    tune-2. Never used to choose an rs-v3 phrase: heldout-2 (651 Bing photo titles of 2021-2024, labelled
-    before rs-v3 was written) and heldout-3 (3,985 Bing titles of 2010-2021, labelled after it by annotators
-    who never saw the lists or their output).
-
-    Measured: tune tp 98, fp 8, fn 1 (as rs-v2); heldout-1 37 of 37; tune-2 13 of 13; heldout-2 16 of 16;
-    heldout-3 110 of 116, one false positive ("The moon as seen from the International Space Station").
-    Held out together: 126 of 132, recall 0.955, below the issue's 0.97: the misses name the ISS without
-    "from the International Space Station", a satellite by name, an altitude in feet, "looking down on" a
-    place. rs-v4 was tuned on them. heldout-4 (1,184 Bing titles of 2024-2026): 32 of 36.
-    """
-    assert confusion(rs_v3, "tune") == (98, 8, 1, 213)
-    assert confusion(rs_v3, "heldout-1") == (37, 0, 0, 205)
-    assert confusion(rs_v3, "tune-2") == (13, 0, 0, 628)
-    assert confusion(rs_v3, "heldout-2") == (16, 0, 0, 635)
-    assert confusion(rs_v3, "heldout-3") == (110, 1, 6, 3868)
-    assert confusion(rs_v3, "heldout-4") == (32, 0, 4, 1148)
-    assert confusion(rs_v3, "heldout-5") == (9, 1, 29, 2561)
-    assert confusion(rs_v3, "heldout-6") == (121, 6, 65, 1995)
-
-
-@pytest.fixture(scope="module")
-def rs_v4() -> KeywordMatcher:
-    return KeywordMatcher.from_config(KeywordConfig(keywords="rs-v4", places="rs-v2"))
-
-
-def test_rs_v4_precision_and_recall_on_labelled_captions(rs_v4: KeywordMatcher) -> None:
-    """rs-v4 (a frozen version: exact counts), tuned on every split but heldout-4 (and on 1,140 WebVid
-    stock-video captions that are not in the repository: README). heldout-4 (1,184 Bing photo titles of
-    2024-2026, labelled by annotators who never saw the lists or their output) was measured once, after
-    rs-v4 was written: 33 of 36, recall 0.917, below the issue's 0.97 (the misses: one photo's two titles,
-    "from 225 miles above Earth" and "from 350 kilometres above Earth", and "Oktoberfest in Munich from a
-    high view"). rs-v5 was tuned on them.
-    """
-    assert confusion(rs_v4, "tune") == (98, 9, 1, 212)
-    assert confusion(rs_v4, "heldout-1") == (37, 0, 0, 205)
-    assert confusion(rs_v4, "tune-2") == (13, 0, 0, 628)
-    assert confusion(rs_v4, "heldout-2") == (16, 0, 0, 635)
-    assert confusion(rs_v4, "heldout-3") == (116, 1, 0, 3868)
-    assert confusion(rs_v4, "heldout-4") == (33, 0, 3, 1148)
-    assert confusion(rs_v4, "heldout-5") == (10, 5, 28, 2557)
-    assert confusion(rs_v4, "heldout-6") == (127, 7, 59, 1994)
-
-
-@pytest.fixture(scope="module")
-def rs_v5() -> KeywordMatcher:
-    return KeywordMatcher.from_config(KeywordConfig(keywords="rs-v5", places="rs-v3"))
-
-
-def test_rs_v5_precision_and_recall_on_labelled_captions(rs_v5: KeywordMatcher) -> None:
-    """rs-v5 (a frozen version, with the rs-v3 places: exact counts), tuned on tune to heldout-4 and on
-    WebVid stock-video captions that are not in the repository; measured once on 2,283 more WebVid captions
-    it was not tuned on (199 of 222, recall 0.896) and on heldout-5 (2,600 r/EarthPorn post titles, labelled
-    after it was written): 10 of 38, recall 0.263, five false positives. Reddit titles tell of photos taken
-    from planes, helicopters and drones in the first person ("Took this out of my airplane window"); rs-v6
-    was tuned on them.
-    """
-    assert confusion(rs_v5, "tune") == (98, 9, 1, 212)
-    assert confusion(rs_v5, "heldout-1") == (37, 0, 0, 205)
-    assert confusion(rs_v5, "tune-2") == (13, 0, 0, 628)
-    assert confusion(rs_v5, "heldout-2") == (16, 0, 0, 635)
-    assert confusion(rs_v5, "heldout-3") == (116, 1, 0, 3868)
-    assert confusion(rs_v5, "heldout-4") == (35, 0, 1, 1148)
-    assert confusion(rs_v5, "heldout-5") == (10, 5, 28, 2557)
-    assert confusion(rs_v5, "heldout-6") == (127, 7, 59, 1994)
-
-
-def test_rs_v6_precision_and_recall_on_labelled_captions(shipped: KeywordMatcher) -> None:
-    """rs-v6 (the default, with the rs-v3 places; exact counts), recall first, tuned on tune to heldout-5
-    (heldout-5 after rs-v5 was measured on it) and on WebVid captions that are not in the repository.
-    heldout-6 (2,187 Reddit titles from r/EarthPorn, r/CityPorn, r/AerialPorn and r/VillagePorn, labelled
-    after rs-v6 was written) was measured once: 137 of 186, recall 0.737, eight false positives. Its misses
-    are mostly a named city "from above", "from the sky" or "high above" (a city's name is no word of the
-    places list) and first-person flights ("Flying into Chicago", "Kauai from helicopter").
-    """
-    assert confusion(shipped, "tune") == (98, 10, 1, 211)
-    assert confusion(shipped, "heldout-1") == (37, 0, 0, 205)
-    assert confusion(shipped, "tune-2") == (13, 0, 0, 628)
-    assert confusion(shipped, "heldout-2") == (16, 0, 0, 635)
-    assert confusion(shipped, "heldout-3") == (116, 1, 0, 3868)
-    assert confusion(shipped, "heldout-4") == (35, 0, 1, 1148)
-    assert confusion(shipped, "heldout-5") == (32, 9, 6, 2553)
-    assert confusion(shipped, "heldout-6") == (137, 8, 49, 1993)
+@pytest.mark.parametrize("version", MEASURED)
+def test_shipped_list_precision_and_recall_on_labelled_captions(
+    version: str, labelled: list[dict[str, str]]
+) -> None:
+    matcher = KeywordMatcher.from_config(released_config(version))
+    assert confusion_by_split(matcher, labelled) == dict(zip(SPLITS, MEASURED[version], strict=True))
