@@ -105,11 +105,11 @@ class IngestConfig(Strict):
 
 
 class KeywordConfig(Strict):
-    # Each list has its own versions: rs-v3 to rs-v6 changed the keywords, rs-v5 came with rs-v3 places, and
-    # the exclusions are still rs-v2's.
+    # Each list has its own versions: rs-v3 to rs-v8 changed the keywords, rs-v5 came with rs-v3 places, rs-v7
+    # with rs-v1 geonames, and the exclusions are still rs-v2's.
     keywords: str = Field(
-        "rs-v6",
-        description="Shipped keyword list version (rs-v6 ... rs-v1) or a path to a keyword file.",
+        "rs-v8",
+        description="Shipped keyword list version (rs-v8 ... rs-v1) or a path to a keyword file.",
     )
     exclusions: str = Field(
         "rs-v2", description="Shipped exclusion list version (rs-v2, rs-v1) or a path to an exclusion file."
@@ -118,6 +118,13 @@ class KeywordConfig(Strict):
         "rs-v3",
         description="Shipped places list version (rs-v3, rs-v2) or a path to one: the words a `CUE ~place` entry "
         "needs nearby. Read only by lists with such entries (its content is then part of the stage identity).",
+        json_schema_extra=_CONTENT_HASHED,
+    )
+    geonames: str = Field(
+        "rs-v1",
+        description="Shipped geonames list version (rs-v1) or a path to one: the GeoNames cities, regions and "
+        "countries a `CUE ~geoname` entry needs nearby. Read only by lists with such entries (its content is "
+        "then part of the stage identity).",
         json_schema_extra=_CONTENT_HASHED,
     )
 

