@@ -165,6 +165,12 @@ def ingest_table(captions: list[str | None]) -> pa.Table:
         ("Friend took this 36000 feet above St Louis", "<thousands> feet above ~geoname"),
         ("Flying high over north sea", "^flying high"),
         ("Flying out of Anchorage, Alaska", "flying out of ~geoname"),
+        # rs-v9: pilots' and passengers' flights over a named place, low altitudes, map imagery
+        ("Night flight over Downtown San Diego", "flight over ~geoname"),
+        ("Took my Dad flying around Chicago around sunset.", "flying around ~geoname"),
+        ("15,500 MSL over the desert.", "<thousands> msl"),
+        ("Niagara Falls from low altitude.", "from low altitude"),
+        ("Google Maps find - Curious Boeing jet design at KSEA", "google maps find"),
     ],
 )
 def test_shipped_list_matches_variants(shipped: KeywordMatcher, caption: str, keyword: str) -> None:
@@ -237,6 +243,7 @@ def test_shipped_exclusions_veto(shipped: KeywordMatcher, caption: str, exclusio
         ("rs-v6", "rs-v2"),
         ("rs-v7", "rs-v2"),
         ("rs-v8", "rs-v2"),
+        ("rs-v9", "rs-v2"),
     ],
 )
 def test_every_shipped_exclusion_vetoes_a_keyword(keywords: str, exclusions: str) -> None:
@@ -323,8 +330,8 @@ def test_null_and_chunked_captions(shipped: KeywordMatcher) -> None:
 
 
 def test_unknown_version_and_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="rs-v9"):
-        KeywordMatcher.from_config(KeywordConfig(keywords="rs-v9"))
+    with pytest.raises(ValueError, match="rs-v99"):
+        KeywordMatcher.from_config(KeywordConfig(keywords="rs-v99"))
     missing = tmp_path / "nope.txt"
     with pytest.raises(ValueError, match="nope.txt"):
         KeywordMatcher.from_config(KeywordConfig(exclusions=str(missing)))
@@ -345,7 +352,7 @@ def test_identity_follows_list_contents(tmp_path: Path, shipped: KeywordMatcher)
     changed = custom(tmp_path, ["aerial", "satellite image"], ["tv aerial", "aerial yoga"])
     assert base.identity == reformatted.identity
     assert base.identity != changed.identity
-    named = KeywordConfig(keywords="rs-v8", exclusions="rs-v2", places="rs-v3", geonames="rs-v1")
+    named = KeywordConfig(keywords="rs-v9", exclusions="rs-v2", places="rs-v3", geonames="rs-v1")
     assert shipped.identity == KeywordMatcher.from_config(named).identity
     assert len(shipped.identity) == 64
 
@@ -637,7 +644,7 @@ def _pipeline(keyword: dict) -> dict:
 def test_places_config(tmp_path: Path) -> None:
     assert KeywordConfig().exclusions == "rs-v2"
     assert (KeywordConfig().keywords, KeywordConfig().places, KeywordConfig().geonames) == (
-        "rs-v8",
+        "rs-v9",
         "rs-v3",
         "rs-v1",
     )
@@ -757,6 +764,8 @@ def test_labelled_captions_split_sizes(labelled: list[dict[str, str]]) -> None:
         ("heldout-7", "0"): 4428,
         ("heldout-8", "1"): 153,
         ("heldout-8", "0"): 3826,
+        ("heldout-9", "1"): 79,
+        ("heldout-9", "0"): 4898,
     }
 
 
@@ -771,6 +780,7 @@ SPLITS = (
     "heldout-6",
     "heldout-7",
     "heldout-8",
+    "heldout-9",
 )
 # (tp, fp, fn, tn) per split of every shipped keyword list, with the lists it was released with: a shipped list
 # never changes, so these are exact. What each split is, and which versions were tuned on it: README, "The RS
@@ -782,25 +792,37 @@ SPLITS = (
 # city "from above" or "from the sky", flights in other words) and heldout-7 (46 of 84); rs-v7 on heldout-7
 # (56 of 84: Earth from the ISS or orbit named otherwise, skies from aircraft, "36,000 feet over Ghana") and
 # heldout-8 (37 of 153); rs-v8 on heldout-8 (39 of 153: pilots' titles, "Short final for 16R @ VNY", "Chicago
-# at FL360", "Took my Dad flying around Chicago").
+# at FL360", "Took my Dad flying around Chicago") and heldout-9 (43 of 79); rs-v9 on heldout-9 (44 of 79: Earth
+# from spacecraft far off, "Earthrise", features found on Google Maps).
 # fmt: off
 MEASURED = {
-    "rs-v1": ((90, 5, 9, 216), (16, 0, 21, 205), (10, 0, 3, 628), (13, 0, 3, 635), (101, 0, 15, 3869),
-              (29, 0, 7, 1148), (7, 0, 31, 2562), (104, 5, 82, 1996), (12, 6, 72, 4422), (12, 2, 141, 3824)),
-    "rs-v2": ((98, 8, 1, 213), (25, 0, 12, 205), (13, 0, 0, 628), (16, 0, 0, 635), (110, 1, 6, 3868),
-              (32, 0, 4, 1148), (8, 1, 30, 2561), (115, 6, 71, 1995), (38, 17, 46, 4411), (18, 2, 135, 3824)),
-    "rs-v3": ((98, 8, 1, 213), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635), (110, 1, 6, 3868),
-              (32, 0, 4, 1148), (9, 1, 29, 2561), (121, 6, 65, 1995), (41, 18, 43, 4410), (20, 3, 133, 3823)),
-    "rs-v4": ((98, 9, 1, 212), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635), (116, 1, 0, 3868),
-              (33, 0, 3, 1148), (10, 5, 28, 2557), (127, 7, 59, 1994), (43, 19, 41, 4409), (24, 4, 129, 3822)),
-    "rs-v5": ((98, 9, 1, 212), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635), (116, 1, 0, 3868),
-              (35, 0, 1, 1148), (10, 5, 28, 2557), (127, 7, 59, 1994), (43, 20, 41, 4408), (25, 4, 128, 3822)),
-    "rs-v6": ((98, 10, 1, 211), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635), (116, 1, 0, 3868),
-              (35, 0, 1, 1148), (32, 9, 6, 2553), (137, 8, 49, 1993), (46, 22, 38, 4406), (32, 16, 121, 3810)),
-    "rs-v7": ((98, 10, 1, 211), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635), (116, 1, 0, 3868),
-              (35, 0, 1, 1148), (32, 9, 6, 2553), (172, 9, 14, 1992), (56, 24, 28, 4404), (37, 20, 116, 3806)),
-    "rs-v8": ((98, 10, 1, 211), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635), (116, 1, 0, 3868),
-              (35, 0, 1, 1148), (32, 9, 6, 2553), (172, 9, 14, 1992), (72, 24, 12, 4404), (39, 20, 114, 3806)),
+    "rs-v1": ((90, 5, 9, 216), (16, 0, 21, 205), (10, 0, 3, 628), (13, 0, 3, 635),
+              (101, 0, 15, 3869), (29, 0, 7, 1148), (7, 0, 31, 2562), (104, 5, 82, 1996),
+              (12, 6, 72, 4422), (12, 2, 141, 3824), (18, 13, 61, 4885)),
+    "rs-v2": ((98, 8, 1, 213), (25, 0, 12, 205), (13, 0, 0, 628), (16, 0, 0, 635),
+              (110, 1, 6, 3868), (32, 0, 4, 1148), (8, 1, 30, 2561), (115, 6, 71, 1995),
+              (38, 17, 46, 4411), (18, 2, 135, 3824), (33, 17, 46, 4881)),
+    "rs-v3": ((98, 8, 1, 213), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635),
+              (110, 1, 6, 3868), (32, 0, 4, 1148), (9, 1, 29, 2561), (121, 6, 65, 1995),
+              (41, 18, 43, 4410), (20, 3, 133, 3823), (33, 17, 46, 4881)),
+    "rs-v4": ((98, 9, 1, 212), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635),
+              (116, 1, 0, 3868), (33, 0, 3, 1148), (10, 5, 28, 2557), (127, 7, 59, 1994),
+              (43, 19, 41, 4409), (24, 4, 129, 3822), (35, 20, 44, 4878)),
+    "rs-v5": ((98, 9, 1, 212), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635),
+              (116, 1, 0, 3868), (35, 0, 1, 1148), (10, 5, 28, 2557), (127, 7, 59, 1994),
+              (43, 20, 41, 4408), (25, 4, 128, 3822), (36, 22, 43, 4876)),
+    "rs-v6": ((98, 10, 1, 211), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635),
+              (116, 1, 0, 3868), (35, 0, 1, 1148), (32, 9, 6, 2553), (137, 8, 49, 1993),
+              (46, 22, 38, 4406), (32, 16, 121, 3810), (38, 24, 41, 4874)),
+    "rs-v7": ((98, 10, 1, 211), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635),
+              (116, 1, 0, 3868), (35, 0, 1, 1148), (32, 9, 6, 2553), (172, 9, 14, 1992),
+              (56, 24, 28, 4404), (37, 20, 116, 3806), (41, 27, 38, 4871)),
+    "rs-v8": ((98, 10, 1, 211), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635),
+              (116, 1, 0, 3868), (35, 0, 1, 1148), (32, 9, 6, 2553), (172, 9, 14, 1992),
+              (72, 24, 12, 4404), (39, 20, 114, 3806), (43, 27, 36, 4871)),
+    "rs-v9": ((98, 10, 1, 211), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635),
+              (116, 1, 0, 3868), (35, 0, 1, 1148), (32, 9, 6, 2553), (172, 9, 14, 1992),
+              (72, 24, 12, 4404), (61, 21, 92, 3805), (44, 27, 35, 4871)),
 }
 # fmt: on
 
