@@ -9,8 +9,8 @@ of --repeats (the cases take turns), and the median of the turns' own ratios:
   (b) one bare pc.match_substring_regex with a 13-keyword pattern,
   (c) KeywordMatcher.match,
   (d) filter_shard on an INGEST_SCHEMA table holding the column,
-with the shipped keyword list --lists (default: the config's) and the exclusion and places lists it was released
-with.
+with the shipped keyword list --lists (default: the config's) and the exclusion, places and geonames lists it
+was released with.
 c/a and d/a are the matcher's and the stage's speed relative to the bare pass of their own prefilter pattern.
 
     .venv/bin/python bench/bench_keyword.py --rows 2000000 [--lists rs-v1]
@@ -105,8 +105,8 @@ def main() -> None:
     parser.add_argument(
         "--lists",
         default=KeywordConfig().keywords,
-        help=f"shipped keyword list version (default {KeywordConfig().keywords}), with the exclusion and places "
-        "lists it was released with",
+        help=f"shipped keyword list version (default {KeywordConfig().keywords}), with the exclusion, places and "
+        "geonames lists it was released with",
     )
     args = parser.parse_args()
 
