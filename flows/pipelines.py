@@ -20,6 +20,7 @@ from prefect.states import Failed
 
 from flows.run_control import ActiveRun, stoppable
 from flows.stages import run_id_or_flow_run, stage_flow_for
+from rs5m import forkserver
 from rs5m.caption_quality import quality_artifact_rows
 from rs5m.config import PipelineConfig, as_pipeline_config
 from rs5m.figures import report_markdown, report_sections
@@ -79,6 +80,8 @@ def run_pipelines(
     )  # deployments and API-triggered runs fail here too, before any work
     layout, run_id = Layout(config.workdir), run_id_or_flow_run(None)
     selected = selected_stages(config, pipelines, stages)
+    if any(stage.forks_processes for stage in selected):
+        forkserver.start()
     with workdir_lock(layout, run_id, wait=wait_for_lock, on_wait=print):
         close_abandoned_runs(layout, run_id)
         record: dict[str, Any] = {

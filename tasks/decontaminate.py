@@ -242,4 +242,5 @@ DECONTAMINATE = ShardStage(
     make_processor=_processor,
     identity=eval_identity,
     upstream_arrays=("image",),
+    forks_processes=True,
 )

@@ -228,6 +228,7 @@ DOWNLOAD = ShardStage(
     retries=2,
     retry_delays_s=(5, 30),
     concurrency="download_concurrency",
+    forks_processes=True,
     adds=(DOWNLOAD_SCHEMA.field("image"),),
     make_processor=lambda config: functools.partial(download_shard, config=config.download),
     needs_scratch=True,

@@ -184,6 +184,7 @@ def embed_stage(name: str, upstream: str, report: Report, images_from: str | Non
         make_processor=_processor,
         identity=lambda config: model_identity(config.clip),
         images_from=images_from,
+        forks_processes=True,
     )
 
 

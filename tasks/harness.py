@@ -382,6 +382,9 @@ class Stage:
     retries: int = 0  # retries of a unit that failed for a transient reason (tasks/retry.py)
     retry_delays_s: tuple[float, ...] = (2, 10)
     concurrency: Literal["shard_concurrency", "download_concurrency"] = "shard_concurrency"
+    # its units start processes from the run process's forkserver (rs5m/forkserver.py): a run that has such a
+    # stage starts the server first thing, so that its imports overlap the stages before
+    forks_processes: bool = False
 
     def fingerprint(self, config: PipelineConfig) -> str:
         sections = {name: config.section(name) for name in self.sections}

@@ -333,4 +333,5 @@ RS3_CAPTION = ShardStage(
     make_processor=_processor,
     identity=_identity,
     preflight=_preflight,
+    forks_processes=True,
 )
