@@ -105,11 +105,11 @@ class IngestConfig(Strict):
 
 
 class KeywordConfig(Strict):
-    # Each list has its own versions: rs-v3 to rs-v9 changed the keywords, rs-v5 came with rs-v3 places, rs-v7
+    # Each list has its own versions: rs-v3 to rs-v10 changed the keywords, rs-v5 came with rs-v3 places, rs-v7
     # with rs-v1 geonames, and the exclusions are still rs-v2's.
     keywords: str = Field(
-        "rs-v9",
-        description="Shipped keyword list version (rs-v9 ... rs-v1) or a path to a keyword file.",
+        "rs-v10",
+        description="Shipped keyword list version (rs-v10 ... rs-v1) or a path to a keyword file.",
     )
     exclusions: str = Field(
         "rs-v2", description="Shipped exclusion list version (rs-v2, rs-v1) or a path to an exclusion file."

@@ -171,6 +171,11 @@ def ingest_table(captions: list[str | None]) -> pa.Table:
         ("15,500 MSL over the desert.", "<thousands> msl"),
         ("Niagara Falls from low altitude.", "from low altitude"),
         ("Google Maps find - Curious Boeing jet design at KSEA", "google maps find"),
+        # rs-v10: Earth pictured from a spacecraft or satellite, map imagery and air photos named otherwise
+        ("Western Europe at night via the ISS.", "via the iss"),
+        ("NASA's TRMM satellite sees the power in Tropical Storm Alenga", "satellite sees"),
+        ("20 'Censored' Places on Google Maps", "on google maps"),
+        ("First picture of Earth from a new European weather satellite", "picture of earth from"),
     ],
 )
 def test_shipped_list_matches_variants(shipped: KeywordMatcher, caption: str, keyword: str) -> None:
@@ -244,6 +249,7 @@ def test_shipped_exclusions_veto(shipped: KeywordMatcher, caption: str, exclusio
         ("rs-v7", "rs-v2"),
         ("rs-v8", "rs-v2"),
         ("rs-v9", "rs-v2"),
+        ("rs-v10", "rs-v2"),
     ],
 )
 def test_every_shipped_exclusion_vetoes_a_keyword(keywords: str, exclusions: str) -> None:
@@ -352,7 +358,7 @@ def test_identity_follows_list_contents(tmp_path: Path, shipped: KeywordMatcher)
     changed = custom(tmp_path, ["aerial", "satellite image"], ["tv aerial", "aerial yoga"])
     assert base.identity == reformatted.identity
     assert base.identity != changed.identity
-    named = KeywordConfig(keywords="rs-v9", exclusions="rs-v2", places="rs-v3", geonames="rs-v1")
+    named = KeywordConfig(keywords="rs-v10", exclusions="rs-v2", places="rs-v3", geonames="rs-v1")
     assert shipped.identity == KeywordMatcher.from_config(named).identity
     assert len(shipped.identity) == 64
 
@@ -644,7 +650,7 @@ def _pipeline(keyword: dict) -> dict:
 def test_places_config(tmp_path: Path) -> None:
     assert KeywordConfig().exclusions == "rs-v2"
     assert (KeywordConfig().keywords, KeywordConfig().places, KeywordConfig().geonames) == (
-        "rs-v9",
+        "rs-v10",
         "rs-v3",
         "rs-v1",
     )
@@ -766,6 +772,8 @@ def test_labelled_captions_split_sizes(labelled: list[dict[str, str]]) -> None:
         ("heldout-8", "0"): 3826,
         ("heldout-9", "1"): 79,
         ("heldout-9", "0"): 4898,
+        ("heldout-10", "1"): 60,
+        ("heldout-10", "0"): 4723,
     }
 
 
@@ -781,6 +789,7 @@ SPLITS = (
     "heldout-7",
     "heldout-8",
     "heldout-9",
+    "heldout-10",
 )
 # (tp, fp, fn, tn) per split of every shipped keyword list, with the lists it was released with: a shipped list
 # never changes, so these are exact. What each split is, and which versions were tuned on it: README, "The RS
@@ -793,36 +802,41 @@ SPLITS = (
 # (56 of 84: Earth from the ISS or orbit named otherwise, skies from aircraft, "36,000 feet over Ghana") and
 # heldout-8 (37 of 153); rs-v8 on heldout-8 (39 of 153: pilots' titles, "Short final for 16R @ VNY", "Chicago
 # at FL360", "Took my Dad flying around Chicago") and heldout-9 (43 of 79); rs-v9 on heldout-9 (44 of 79: Earth
-# from spacecraft far off, "Earthrise", features found on Google Maps).
+# from spacecraft far off, "Earthrise", features found on Google Maps) and heldout-10 (40 of 60); rs-v10 on
+# heldout-10 (40 of 60: satellite loops and GOES-6 named otherwise, "while flying in Alaska", "from the
+# cockpit of a 777").
 # fmt: off
 MEASURED = {
     "rs-v1": ((90, 5, 9, 216), (16, 0, 21, 205), (10, 0, 3, 628), (13, 0, 3, 635),
               (101, 0, 15, 3869), (29, 0, 7, 1148), (7, 0, 31, 2562), (104, 5, 82, 1996),
-              (12, 6, 72, 4422), (12, 2, 141, 3824), (18, 13, 61, 4885)),
+              (12, 6, 72, 4422), (12, 2, 141, 3824), (18, 13, 61, 4885), (31, 1, 29, 4722)),
     "rs-v2": ((98, 8, 1, 213), (25, 0, 12, 205), (13, 0, 0, 628), (16, 0, 0, 635),
               (110, 1, 6, 3868), (32, 0, 4, 1148), (8, 1, 30, 2561), (115, 6, 71, 1995),
-              (38, 17, 46, 4411), (18, 2, 135, 3824), (33, 17, 46, 4881)),
+              (38, 17, 46, 4411), (18, 2, 135, 3824), (33, 17, 46, 4881), (34, 4, 26, 4719)),
     "rs-v3": ((98, 8, 1, 213), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635),
               (110, 1, 6, 3868), (32, 0, 4, 1148), (9, 1, 29, 2561), (121, 6, 65, 1995),
-              (41, 18, 43, 4410), (20, 3, 133, 3823), (33, 17, 46, 4881)),
+              (41, 18, 43, 4410), (20, 3, 133, 3823), (33, 17, 46, 4881), (34, 4, 26, 4719)),
     "rs-v4": ((98, 9, 1, 212), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635),
               (116, 1, 0, 3868), (33, 0, 3, 1148), (10, 5, 28, 2557), (127, 7, 59, 1994),
-              (43, 19, 41, 4409), (24, 4, 129, 3822), (35, 20, 44, 4878)),
+              (43, 19, 41, 4409), (24, 4, 129, 3822), (35, 20, 44, 4878), (39, 4, 21, 4719)),
     "rs-v5": ((98, 9, 1, 212), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635),
               (116, 1, 0, 3868), (35, 0, 1, 1148), (10, 5, 28, 2557), (127, 7, 59, 1994),
-              (43, 20, 41, 4408), (25, 4, 128, 3822), (36, 22, 43, 4876)),
+              (43, 20, 41, 4408), (25, 4, 128, 3822), (36, 22, 43, 4876), (39, 4, 21, 4719)),
     "rs-v6": ((98, 10, 1, 211), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635),
               (116, 1, 0, 3868), (35, 0, 1, 1148), (32, 9, 6, 2553), (137, 8, 49, 1993),
-              (46, 22, 38, 4406), (32, 16, 121, 3810), (38, 24, 41, 4874)),
+              (46, 22, 38, 4406), (32, 16, 121, 3810), (38, 24, 41, 4874), (39, 8, 21, 4715)),
     "rs-v7": ((98, 10, 1, 211), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635),
               (116, 1, 0, 3868), (35, 0, 1, 1148), (32, 9, 6, 2553), (172, 9, 14, 1992),
-              (56, 24, 28, 4404), (37, 20, 116, 3806), (41, 27, 38, 4871)),
+              (56, 24, 28, 4404), (37, 20, 116, 3806), (41, 27, 38, 4871), (40, 8, 20, 4715)),
     "rs-v8": ((98, 10, 1, 211), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635),
               (116, 1, 0, 3868), (35, 0, 1, 1148), (32, 9, 6, 2553), (172, 9, 14, 1992),
-              (72, 24, 12, 4404), (39, 20, 114, 3806), (43, 27, 36, 4871)),
+              (72, 24, 12, 4404), (39, 20, 114, 3806), (43, 27, 36, 4871), (40, 8, 20, 4715)),
     "rs-v9": ((98, 10, 1, 211), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635),
               (116, 1, 0, 3868), (35, 0, 1, 1148), (32, 9, 6, 2553), (172, 9, 14, 1992),
-              (72, 24, 12, 4404), (61, 21, 92, 3805), (44, 27, 35, 4871)),
+              (72, 24, 12, 4404), (61, 21, 92, 3805), (44, 27, 35, 4871), (40, 8, 20, 4715)),
+    "rs-v10": ((98, 10, 1, 211), (37, 0, 0, 205), (13, 0, 0, 628), (16, 0, 0, 635),
+              (116, 1, 0, 3868), (35, 0, 1, 1148), (32, 9, 6, 2553), (172, 9, 14, 1992),
+              (72, 26, 12, 4402), (63, 21, 90, 3805), (53, 28, 26, 4870), (40, 8, 20, 4715)),
 }
 # fmt: on
 
