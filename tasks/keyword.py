@@ -215,20 +215,23 @@ def _read_geonames(path: Path) -> Geonames:
     return Geonames(names, max(len(name.split()) for name in names))
 
 
-def _parse_near(text: str, cue_text: str, places: Places, origin: str) -> Phrase:
-    """A proximity entry: the cue with a place at most WINDOW words before or after it."""
+def _parse_near(text: str, cue_text: str, places: Places | None, origin: str) -> Phrase:
+    """A proximity entry: the cue with a place (`~place`: of `places`) or a name (`~geoname`: places None) at
+    most WINDOW words before or after it. A `~geoname` entry's pattern is its cue's: its names are looked up
+    apart (KeywordMatcher._named_entry)."""
     cue = _parse_phrase(cue_text, origin)
     if cue.canonical.startswith("^"):
         raise ValueError(f"{origin}: a proximity entry cannot be anchored with '^': {text!r}")
-    canonical = _near_pattern([cue.canonical], places.pattern)
+    canonical = cue.canonical if places is None else _near_pattern([cue.canonical], places.pattern)
     return Phrase(
         text=" ".join(text.split()),
         canonical=canonical,
         loose=cue.loose,  # every match contains the cue
-        example=f"{cue.example} {places.phrases[0].example}",
-        regex=re.compile(canonical),
+        example=cue.example if places is None else f"{cue.example} {places.phrases[0].example}",
+        regex=cue.regex if places is None else re.compile(canonical),
         cue=cue,
-        near=places.pattern,
+        near=None if places is None else places.pattern,
+        named=places is None,
     )
 
 
@@ -248,22 +251,6 @@ def _entries(path: Path) -> list[tuple[str, str]]:
     return entries
 
 
-def _parse_named(text: str, cue_text: str, origin: str) -> Phrase:
-    """A `~geoname` entry: the cue, with a name of the geonames list at most WINDOW words before or after it."""
-    cue = _parse_phrase(cue_text, origin)
-    if cue.canonical.startswith("^"):
-        raise ValueError(f"{origin}: a proximity entry cannot be anchored with '^': {text!r}")
-    return Phrase(
-        text=" ".join(text.split()),
-        canonical=cue.canonical,
-        loose=cue.loose,
-        example=cue.example,
-        regex=cue.regex,
-        cue=cue,
-        named=True,
-    )
-
-
 def _parse_list(entries: list[tuple[str, str]], places: Places | None, allow_named: bool) -> list[Phrase]:
     phrases = []
     for entry, origin in entries:
@@ -275,7 +262,7 @@ def _parse_list(entries: list[tuple[str, str]], places: Places | None, allow_nam
                 raise ValueError(
                     f"{origin}: {entry!r}: '~geoname' entries belong in a keyword list, not exclusions"
                 )
-            phrases.append(_parse_named(entry, cue, origin))
+            phrases.append(_parse_near(entry, cue, None, origin))
         elif places is None:
             raise ValueError(f"{origin}: {entry!r}: proximity entries need a places list")
         else:
