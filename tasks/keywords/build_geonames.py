@@ -88,7 +88,7 @@ def main() -> None:
         "# tasks/keywords/build_geonames.py. A proximity entry 'CUE ~geoname' needs one of these names within"
     )
     print(
-        "# 4 words of its cue. One name per line, matched as whole words, case- and accent-sensitive as written."
+        "# 4 words of its cue. One name per line, matched as whole words in any case; accents count (hence both spellings)."
     )
     for spelling in sorted(kept.values(), key=str.casefold):
         print(spelling)
