@@ -200,16 +200,16 @@ class Geonames:
         return any(self.near([], words[start:]) for start in range(len(words)))
 
 
-def _canonical(texts: list[str]) -> list[str]:
-    """Canonical text, as the matcher makes it of captions."""
-    canonical = pc.utf8_lower(pa.array(texts, pa.string()))
+def _canonical(lowered: pa.Array) -> pa.Array:
+    """The canonical copy of lower-cased texts (captions, or the names of a geonames list)."""
     for pattern, replacement in _CANONICAL_STEPS:
-        canonical = pc.replace_substring_regex(canonical, pattern, replacement)
-    return [" ".join(text.split()) for text in canonical.to_pylist()]
+        lowered = pc.replace_substring_regex(lowered, pattern, replacement)
+    return lowered
 
 
 def _read_geonames(path: Path) -> Geonames:
-    names = frozenset(name for name in _canonical([entry for entry, _ in _entries(path)]) if name)
+    canonical = _canonical(pc.utf8_lower(pa.array([entry for entry, _ in _entries(path)], pa.string())))
+    names = frozenset(" ".join(name.split()) for name in canonical.to_pylist() if name.strip())
     if not names:
         raise ValueError(f"geonames list {path} has no entries")
     return Geonames(names, max(len(name.split()) for name in names))
@@ -402,9 +402,7 @@ class KeywordMatcher:
             captions = captions.combine_chunks()
         lowered = pc.utf8_lower(captions)
         is_candidate = pc.fill_null(pc.match_substring_regex(lowered, self.candidate_pattern), False)
-        canonical = lowered.filter(is_candidate)
-        for pattern, replacement in _CANONICAL_STEPS:
-            canonical = pc.replace_substring_regex(canonical, pattern, replacement)
+        canonical = _canonical(lowered.filter(is_candidate))
         masked = canonical
         if self._exclusion_pattern is not None:
             masked = pc.replace_substring_regex(canonical, self._exclusion_pattern, _MASK)
