@@ -105,14 +105,14 @@ class IngestConfig(Strict):
 
 
 class KeywordConfig(Strict):
-    # Each list has its own versions: rs-v3 to rs-v10 changed the keywords, rs-v5 came with rs-v3 places, rs-v7
-    # with rs-v1 geonames, and the exclusions are still rs-v2's.
+    # Each list has its own versions: rs-v3 to rs-v11 changed the keywords, rs-v5 came with rs-v3 places, rs-v7
+    # with rs-v1 geonames, rs-v11 with rs-v3 exclusions.
     keywords: str = Field(
-        "rs-v10",
-        description="Shipped keyword list version (rs-v10 ... rs-v1) or a path to a keyword file.",
+        "rs-v11",
+        description="Shipped keyword list version (rs-v11 ... rs-v1) or a path to a keyword file.",
     )
     exclusions: str = Field(
-        "rs-v2", description="Shipped exclusion list version (rs-v2, rs-v1) or a path to an exclusion file."
+        "rs-v3", description="Shipped exclusion list version (rs-v3 ... rs-v1) or a path to an exclusion file."
     )
     places: str = Field(
         "rs-v3",

@@ -294,6 +294,7 @@ RELEASED_WITH = {
     "rs-v8": ("rs-v2", "rs-v3", "rs-v1"),
     "rs-v9": ("rs-v2", "rs-v3", "rs-v1"),
     "rs-v10": ("rs-v2", "rs-v3", "rs-v1"),
+    "rs-v11": ("rs-v3", "rs-v3", "rs-v1"),
 }
 
 
