@@ -112,7 +112,8 @@ class KeywordConfig(Strict):
         description="Shipped keyword list version (rs-v11 ... rs-v1) or a path to a keyword file.",
     )
     exclusions: str = Field(
-        "rs-v3", description="Shipped exclusion list version (rs-v3 ... rs-v1) or a path to an exclusion file."
+        "rs-v3",
+        description="Shipped exclusion list version (rs-v3 ... rs-v1) or a path to an exclusion file.",
     )
     places: str = Field(
         "rs-v3",
