@@ -24,12 +24,12 @@ with or without thousands separators.
 
 Speed: PUB11 starts from billions of captions, so the work is vectorised with pyarrow.compute (RE2). One
 loose pass of the keyword alternation over the lower-cased captions finds the few candidate rows (it
-accepts everything the exact match accepts); canonicalisation, exclusion masking and whole-word extraction
-then run on the candidates only. The pass is case-sensitive on lower-cased text rather than case-insensitive
-on the raw text: case folding enlarges RE2's automaton, and past about 11,000 characters of alternation
-(rs-v6) its DFA ran out of memory and fell back to an engine 40-80x slower. Each kernel call compiles its
-pattern, so the rarest step, the few rows whose keyword an exclusion vetoed, runs in Python's re with the
-same semantics instead.
+accepts everything the exact match accepts, and entries that begin and end with a letter only between
+non-letters); canonicalisation, exclusion masking and whole-word extraction then run on the candidates only.
+The pass is case-sensitive on lower-cased text rather than case-insensitive on the raw text: case folding
+enlarges RE2's automaton, and past about 11,000 characters of alternation (rs-v6) its DFA ran out of memory
+and fell back to an engine 40-80x slower. Each kernel call compiles its pattern (about 9 ms for the keyword
+alternation), a fixed cost per shard: give the stage large shards.
 """
 
 from __future__ import annotations
@@ -309,6 +309,19 @@ def resolve_list(value: str, kind: str) -> Path:
     return resolve_shipped(value, LISTS_DIR, f".{kind}.txt", f"{kind} list")
 
 
+def _candidate_pattern(keywords: list[Phrase]) -> str:
+    """The loose prefilter over lower-cased raw text: any entry's loose pattern. Entries that begin and end with a
+    letter are bounded by non-letters (canonical text splits words at every other character, digits included),
+    so a short word does not make every caption holding it inside a longer one a candidate ("iss" in
+    "mission", "issue"). Grouped, the bounds cost the pattern two short groups, not one per entry."""
+    bounded, free = [], []
+    for phrase in keywords:
+        words = (phrase.cue or phrase).example
+        (bounded if words[0].isalpha() and words[-1].isalpha() else free).append(phrase.loose)
+    groups = [f"(?:^|[^a-z])(?:{'|'.join(dict.fromkeys(bounded))})(?:[^a-z]|$)"] if bounded else []
+    return "|".join(groups + list(dict.fromkeys(free)))
+
+
 def _alternation(phrases: list[Phrase], group: str) -> str:
     """One named group of the phrases in list order. The proximity entries (last in the list) share their
     place alternation: they become one alternative of all their cues (in list order), which keeps the
@@ -351,7 +364,7 @@ class KeywordMatcher:
             lines += [f"geonames within {WINDOW} words", *sorted(geonames.names)]
         normalised = "\n".join(lines)
         self.identity = hashlib.sha256(normalised.encode()).hexdigest()
-        self.candidate_pattern = "|".join(dict.fromkeys(p.loose for p in self.keywords))
+        self.candidate_pattern = _candidate_pattern(self.keywords)
         in_alternation = [p for p in self.keywords if not p.named]
         self._keyword_pattern = _alternation(in_alternation, "keyword") if in_alternation else None
         self._exclusion_pattern = _alternation(self.exclusions, "exclusion") if self.exclusions else None
@@ -370,14 +383,8 @@ class KeywordMatcher:
             if any(r.search(p.example) for r in parts)
             or (geonames is not None and geonames.named_in(p.example))
         ]
-        # The rows with a vetoed keyword are few (an exclusion hit and nothing left): they are decided with
-        # Python's re, which spares two RE2 compiles of the big patterns per call. With re.ASCII, \b is
-        # RE2's ASCII word boundary and alternation is leftmost-first in both, so the results are RE2's.
-        self._keyword_re = re.compile(self._keyword_pattern, re.ASCII) if self._keyword_pattern else None
-        self._entry_of_span: dict[str, str] = {}  # keyword span -> its list entry
-        self._vetoing_re = (
-            re.compile(_alternation(self._vetoing, "exclusion"), re.ASCII) if self._vetoing else None
-        )
+        self._vetoing_pattern = _alternation(self._vetoing, "exclusion") if self._vetoing else None
+        self._entry_of_span: dict[str, str] = {}  # keyword or exclusion span -> its list entry
 
     @classmethod
     def from_config(cls, config: KeywordConfig) -> KeywordMatcher:
@@ -412,39 +419,43 @@ class KeywordMatcher:
         # Only a row that the exclusions changed and that kept no keyword can have had one vetoed: a keyword
         # in its unmasked text, inside the first vetoing exclusion, which the detail names.
         masked_out = pc.and_(pc.is_null(keyword), pc.not_equal(masked, canonical))
-        if self._vetoing_re is not None and pc.any(masked_out).as_py():
-            held = canonical.filter(masked_out).to_pylist()
-            vetoes = [self._veto(text) for text in held]
-            exclusion = pc.replace_with_mask(exclusion, masked_out, pa.array(vetoes, pa.string()))
+        if self._vetoing_pattern is not None and pc.any(masked_out).as_py():
+            exclusion = pc.replace_with_mask(
+                exclusion, masked_out, self._vetoes(canonical.filter(masked_out))
+            )
         position = pc.subtract(pc.cumulative_sum(pc.cast(is_candidate, pa.int32())), 1)
         position = pc.if_else(is_candidate, position, pa.scalar(None, pa.int32()))
         return position, keyword, exclusion
 
-    def _veto(self, text: str) -> str | None:
-        """The exclusion that vetoed the keyword of an unmasked canonical text; None if it had none."""
-        had_keyword = self._keyword_re is not None and self._keyword_re.search(text) is not None
-        if self._vetoing_re is None or not (had_keyword or self._named_entry(text)):
-            return None
-        found = self._vetoing_re.search(text)
-        return None if found is None else next(p.text for p in self._vetoing if p.regex.fullmatch(found[0]))
+    def _vetoes(self, held: pa.Array) -> pa.Array:
+        """Per unmasked canonical text that the exclusions left without a keyword: the first vetoing exclusion
+        in it, as listed, if it had a keyword; null if it had none. Vectorised: with bare platform words in the
+        list (rs-v11) such rows are about 1 in 1,000, and Python's re over the big alternations took longer
+        than the whole RE2 pass."""
+        had_keyword = pc.is_valid(self._with_named(held, self._extract(held)))
+        vetoing = self._first_entry(held, self._vetoing_pattern, self._vetoing)
+        return pc.if_else(had_keyword, vetoing, pa.scalar(None, pa.string()))
 
     def _extract(self, canonical: pa.Array) -> pa.Array:
         """The first keyword of the alternation in each row, reported as listed; null where none occurs."""
         if self._keyword_pattern is None:
             return pa.nulls(len(canonical), pa.string())
-        found = pc.struct_field(pc.extract_regex(canonical, self._keyword_pattern), [0])
+        return self._first_entry(canonical, self._keyword_pattern, self._in_alternation)
+
+    def _first_entry(self, canonical: pa.Array, pattern: str, phrases: list[Phrase]) -> pa.Array:
+        """The first span of an alternation of `phrases` in each row, reported as its list entry; null where
+        none occurs."""
+        found = pc.struct_field(pc.extract_regex(canonical, pattern), [0])
         # Matched spans vary ("aerials", "birdseye view", "top view of the old town"); map each distinct one
         # back to its list entry, remembering the answer (most spans recur from shard to shard).
         spans = pc.unique(found).drop_null()
         if len(self._entry_of_span) > 100_000:
             self._entry_of_span.clear()
-        entries = [self._entry_of_span.get(span) or self._entry(span) for span in spans.to_pylist()]
+        entries = [self._entry_of_span.get(span) or self._entry(span, phrases) for span in spans.to_pylist()]
         return pc.take(pa.array(entries, pa.string()), pc.index_in(found, spans))
 
-    def _entry(self, span: str) -> str:
-        entry = self._entry_of_span[span] = next(
-            p.text for p in self._in_alternation if p.regex.fullmatch(span)
-        )
+    def _entry(self, span: str, phrases: list[Phrase]) -> str:
+        entry = self._entry_of_span[span] = next(p.text for p in phrases if p.regex.fullmatch(span))
         return entry
 
     def _with_named(self, masked: pa.Array, keyword: pa.Array) -> pa.Array:
