@@ -414,27 +414,24 @@ class KeywordMatcher:
         masked = canonical
         if self._exclusion_pattern is not None:
             masked = pc.replace_substring_regex(canonical, self._exclusion_pattern, _MASK)
-        keyword = self._with_named(masked, self._extract(masked))
-        exclusion = pa.nulls(len(canonical), pa.string())
-        # Only a row that the exclusions changed and that kept no keyword can have had one vetoed: a keyword
+        # The rows the exclusions changed are matched twice, masked and not, in the same pass (one compile of
+        # the keyword alternation): only such a row that kept no keyword can have had one vetoed, a keyword
         # in its unmasked text, inside the first vetoing exclusion, which the detail names.
-        masked_out = pc.and_(pc.is_null(keyword), pc.not_equal(masked, canonical))
+        changed = pc.not_equal(masked, canonical)
+        unmasked = canonical.filter(changed)
+        both = pa.concat_arrays([masked, unmasked])
+        found = self._with_named(both, self._extract(both))
+        keyword, had_keyword = found[: len(masked)], pc.is_valid(found[len(masked) :])
+        exclusion = pa.nulls(len(canonical), pa.string())
+        masked_out = pc.and_(pc.is_null(keyword), changed)
         if self._vetoing_pattern is not None and pc.any(masked_out).as_py():
-            exclusion = pc.replace_with_mask(
-                exclusion, masked_out, self._vetoes(canonical.filter(masked_out))
-            )
+            held = pc.is_null(keyword.filter(changed))  # of the changed rows, those left without a keyword
+            vetoing = self._first_entry(unmasked.filter(held), self._vetoing_pattern, self._vetoing)
+            vetoes = pc.if_else(had_keyword.filter(held), vetoing, pa.scalar(None, pa.string()))
+            exclusion = pc.replace_with_mask(exclusion, masked_out, vetoes)
         position = pc.subtract(pc.cumulative_sum(pc.cast(is_candidate, pa.int32())), 1)
         position = pc.if_else(is_candidate, position, pa.scalar(None, pa.int32()))
         return position, keyword, exclusion
-
-    def _vetoes(self, held: pa.Array) -> pa.Array:
-        """Per unmasked canonical text that the exclusions left without a keyword: the first vetoing exclusion
-        in it, as listed, if it had a keyword; null if it had none. Vectorised: with bare platform words in the
-        list (rs-v11) such rows are about 1 in 1,000, and Python's re over the big alternations took longer
-        than the whole RE2 pass."""
-        had_keyword = pc.is_valid(self._with_named(held, self._extract(held)))
-        vetoing = self._first_entry(held, self._vetoing_pattern, self._vetoing)
-        return pc.if_else(had_keyword, vetoing, pa.scalar(None, pa.string()))
 
     def _extract(self, canonical: pa.Array) -> pa.Array:
         """The first keyword of the alternation in each row, reported as listed; null where none occurs."""
