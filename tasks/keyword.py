@@ -182,16 +182,27 @@ def _read_places(path: Path) -> Places:
 class Geonames:
     names: frozenset[str]  # canonical text of each name ("cape town")
     longest: int  # words in the longest name
+    first_words: frozenset[str]  # where a name can start ("cape"), so that most positions are passed at once
+    last_words: frozenset[str]  # where a name can end ("town")
+
+    @classmethod
+    def of(cls, names: frozenset[str]) -> Geonames:
+        words = [name.split() for name in names]
+        firsts, lasts = frozenset(w[0] for w in words), frozenset(w[-1] for w in words)
+        return cls(names, max(map(len, words)), firsts, lasts)
 
     def near(self, before: list[str], after: list[str]) -> bool:
         """Whether a name lies within WINDOW words before (ending `before`) or after (starting `after`) a cue."""
         for gap in range(WINDOW + 1):
-            for length in range(1, self.longest + 1):
-                if gap + length <= len(after) and " ".join(after[gap : gap + length]) in self.names:
-                    return True
-                end = len(before) - gap
-                if end - length >= 0 and " ".join(before[end - length : end]) in self.names:
-                    return True
+            if gap < len(after) and after[gap] in self.first_words:
+                for length in range(1, min(self.longest, len(after) - gap) + 1):
+                    if " ".join(after[gap : gap + length]) in self.names:
+                        return True
+            end = len(before) - gap
+            if end > 0 and before[end - 1] in self.last_words:
+                for length in range(1, min(self.longest, end) + 1):
+                    if " ".join(before[end - length : end]) in self.names:
+                        return True
         return False
 
     def named_in(self, text: str) -> bool:
@@ -212,7 +223,7 @@ def _read_geonames(path: Path) -> Geonames:
     names = frozenset(" ".join(name.split()) for name in canonical.to_pylist() if name.strip())
     if not names:
         raise ValueError(f"geonames list {path} has no entries")
-    return Geonames(names, max(len(name.split()) for name in names))
+    return Geonames.of(names)
 
 
 def _parse_near(text: str, cue_text: str, places: Places | None, origin: str) -> Phrase:
@@ -295,6 +306,7 @@ RELEASED_WITH = {
     "rs-v9": ("rs-v2", "rs-v3", "rs-v1"),
     "rs-v10": ("rs-v2", "rs-v3", "rs-v1"),
     "rs-v11": ("rs-v3", "rs-v3", "rs-v1"),
+    "rs-v12": ("rs-v3", "rs-v3", "rs-v1"),
 }
 
 

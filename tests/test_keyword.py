@@ -171,6 +171,11 @@ def ingest_table(captions: list[str | None]) -> pa.Table:
         ("Western Europe at night via the ISS.", "via the iss"),
         ("20 'Censored' Places on Google Maps", "on google maps"),
         ("First picture of Earth from a new European weather satellite", "picture of earth from"),
+        # rs-v12: more ways to name the platform
+        ("Sky diving at sunset over Northamptonshire, England", "sky diving"),
+        ("Took this pic from his helicopter. Thought I should share it", "from his helicopter"),
+        ("Lakeshore by air", "by air"),
+        ("Niagara Falls by Astronaut Chris Hadfield", "by astronaut"),
     ],
 )
 def test_shipped_list_matches_variants(shipped: KeywordMatcher, caption: str, keyword: str) -> None:
@@ -229,7 +234,7 @@ def rs_v10() -> KeywordMatcher:
         ("Blue Angels flying over Chicago", "flying"),
     ],
 )
-def test_rs_v11_keeps_platform_words_that_rs_v10_ignored(
+def test_platform_words_kept_since_rs_v11_that_rs_v10_ignored(
     shipped: KeywordMatcher, rs_v10: KeywordMatcher, caption: str, keyword: str
 ) -> None:
     assert matched(rs_v10, [caption]) == [(None, None)]
@@ -296,6 +301,7 @@ def test_shipped_exclusions_veto(shipped: KeywordMatcher, caption: str, exclusio
         ("rs-v9", "rs-v2"),
         ("rs-v10", "rs-v2"),
         ("rs-v11", "rs-v3"),
+        ("rs-v12", "rs-v3"),
     ],
 )
 def test_every_shipped_exclusion_vetoes_a_keyword(keywords: str, exclusions: str) -> None:
@@ -404,7 +410,7 @@ def test_identity_follows_list_contents(tmp_path: Path, shipped: KeywordMatcher)
     changed = custom(tmp_path, ["aerial", "satellite image"], ["tv aerial", "aerial yoga"])
     assert base.identity == reformatted.identity
     assert base.identity != changed.identity
-    named = KeywordConfig(keywords="rs-v11", exclusions="rs-v3", places="rs-v3", geonames="rs-v1")
+    named = KeywordConfig(keywords="rs-v12", exclusions="rs-v3", places="rs-v3", geonames="rs-v1")
     assert shipped.identity == KeywordMatcher.from_config(named).identity
     assert len(shipped.identity) == 64
 
@@ -696,7 +702,7 @@ def _pipeline(keyword: dict) -> dict:
 def test_places_config(tmp_path: Path) -> None:
     assert KeywordConfig().exclusions == "rs-v3"
     assert (KeywordConfig().keywords, KeywordConfig().places, KeywordConfig().geonames) == (
-        "rs-v11",
+        "rs-v12",
         "rs-v3",
         "rs-v1",
     )
@@ -906,6 +912,10 @@ MEASURED = {
                (116, 34, 0, 3835), (35, 4, 1, 1144), (33, 12, 5, 2550), (178, 13, 8, 1988),
                (78, 130, 6, 4298), (107, 390, 46, 3436), (70, 311, 9, 4587), (54, 61, 6, 4662),
                (44, 670, 9, 4238), (32, 115, 11, 4822)),
+    "rs-v12": ((98, 38, 1, 183), (37, 15, 0, 190), (13, 2, 0, 626), (16, 3, 0, 632),
+               (116, 34, 0, 3835), (35, 4, 1, 1144), (33, 12, 5, 2550), (178, 13, 8, 1988),
+               (79, 131, 5, 4297), (107, 391, 46, 3435), (70, 313, 9, 4585), (54, 61, 6, 4662),
+               (46, 676, 7, 4232), (38, 115, 5, 4822)),
 }
 # fmt: on
 
