@@ -307,6 +307,7 @@ RELEASED_WITH = {
     "rs-v10": ("rs-v2", "rs-v3", "rs-v1"),
     "rs-v11": ("rs-v3", "rs-v3", "rs-v1"),
     "rs-v12": ("rs-v3", "rs-v3", "rs-v1"),
+    "rs-v13": ("rs-v3", "rs-v3", "rs-v1"),
 }
 
 

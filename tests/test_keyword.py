@@ -176,6 +176,14 @@ def ingest_table(captions: list[str | None]) -> pa.Table:
         ("Took this pic from his helicopter. Thought I should share it", "from his helicopter"),
         ("Lakeshore by air", "by air"),
         ("Niagara Falls by Astronaut Chris Hadfield", "by astronaut"),
+        # rs-v13: compounds split or joined, the window of a plane, landing, a kite's camera, "ariel"
+        ("footage I shot with a GoPro and quad-copter around Hollywood", "quad copter"),
+        ("Skydiving at sunset, Northamptonshire", "sky diving"),
+        ("my view out the window of my plane coming in today", "window of my plane"),
+        ("Took this photo with my cellphone while landing at PDX yesterday", "while landing"),
+        ("Landing in London on Friday night", "landing in ~geoname"),
+        ("I took a picture of Haight Street by strapping my camera to a kite!", "camera to a kite"),
+        ("Ariel View of San Fran from a recent trip", "ariel view"),
     ],
 )
 def test_shipped_list_matches_variants(shipped: KeywordMatcher, caption: str, keyword: str) -> None:
@@ -302,6 +310,7 @@ def test_shipped_exclusions_veto(shipped: KeywordMatcher, caption: str, exclusio
         ("rs-v10", "rs-v2"),
         ("rs-v11", "rs-v3"),
         ("rs-v12", "rs-v3"),
+        ("rs-v13", "rs-v3"),
     ],
 )
 def test_every_shipped_exclusion_vetoes_a_keyword(keywords: str, exclusions: str) -> None:
@@ -410,7 +419,7 @@ def test_identity_follows_list_contents(tmp_path: Path, shipped: KeywordMatcher)
     changed = custom(tmp_path, ["aerial", "satellite image"], ["tv aerial", "aerial yoga"])
     assert base.identity == reformatted.identity
     assert base.identity != changed.identity
-    named = KeywordConfig(keywords="rs-v12", exclusions="rs-v3", places="rs-v3", geonames="rs-v1")
+    named = KeywordConfig(keywords="rs-v13", exclusions="rs-v3", places="rs-v3", geonames="rs-v1")
     assert shipped.identity == KeywordMatcher.from_config(named).identity
     assert len(shipped.identity) == 64
 
@@ -702,7 +711,7 @@ def _pipeline(keyword: dict) -> dict:
 def test_places_config(tmp_path: Path) -> None:
     assert KeywordConfig().exclusions == "rs-v3"
     assert (KeywordConfig().keywords, KeywordConfig().places, KeywordConfig().geonames) == (
-        "rs-v12",
+        "rs-v13",
         "rs-v3",
         "rs-v1",
     )
@@ -919,6 +928,10 @@ MEASURED = {
                (116, 34, 0, 3835), (35, 4, 1, 1144), (33, 12, 5, 2550), (178, 13, 8, 1988),
                (79, 131, 5, 4297), (107, 391, 46, 3435), (70, 313, 9, 4585), (54, 61, 6, 4662),
                (46, 676, 7, 4232), (38, 115, 5, 4822), (39, 36, 12, 4903)),
+    "rs-v13": ((98, 38, 1, 183), (37, 15, 0, 190), (13, 2, 0, 626), (16, 3, 0, 632),
+               (116, 34, 0, 3835), (35, 4, 1, 1144), (33, 12, 5, 2550), (178, 13, 8, 1988),
+               (79, 135, 5, 4293), (108, 398, 45, 3428), (70, 313, 9, 4585), (54, 62, 6, 4661),
+               (46, 679, 7, 4229), (38, 115, 5, 4822), (46, 36, 5, 4903)),
 }
 # fmt: on
 
