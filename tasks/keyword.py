@@ -397,7 +397,9 @@ class KeywordMatcher:
             or (geonames is not None and geonames.named_in(p.example))
         ]
         self._vetoing_pattern = _alternation(self._vetoing, "exclusion") if self._vetoing else None
-        self._entry_of_span: dict[str, str] = {}  # keyword or exclusion span -> its list entry
+        # matched span -> its list entry, one map per alternation (keywords, vetoing exclusions)
+        self._keyword_of_span: dict[str, str] = {}
+        self._exclusion_of_span: dict[str, str] = {}
 
     @classmethod
     def from_config(cls, config: KeywordConfig) -> KeywordMatcher:
@@ -439,7 +441,9 @@ class KeywordMatcher:
         masked_out = pc.and_(pc.is_null(keyword), changed)
         if self._vetoing_pattern is not None and pc.any(masked_out).as_py():
             held = pc.is_null(keyword.filter(changed))  # of the changed rows, those left without a keyword
-            vetoing = self._first_entry(unmasked.filter(held), self._vetoing_pattern, self._vetoing)
+            vetoing = self._first_entry(
+                unmasked.filter(held), self._vetoing_pattern, self._vetoing, self._exclusion_of_span
+            )
             vetoes = pc.if_else(had_keyword.filter(held), vetoing, pa.scalar(None, pa.string()))
             exclusion = pc.replace_with_mask(exclusion, masked_out, vetoes)
         position = pc.subtract(pc.cumulative_sum(pc.cast(is_candidate, pa.int32())), 1)
@@ -450,23 +454,28 @@ class KeywordMatcher:
         """The first keyword of the alternation in each row, reported as listed; null where none occurs."""
         if self._keyword_pattern is None:
             return pa.nulls(len(canonical), pa.string())
-        return self._first_entry(canonical, self._keyword_pattern, self._in_alternation)
+        return self._first_entry(
+            canonical, self._keyword_pattern, self._in_alternation, self._keyword_of_span
+        )
 
-    def _first_entry(self, canonical: pa.Array, pattern: str, phrases: list[Phrase]) -> pa.Array:
+    @staticmethod
+    def _first_entry(
+        canonical: pa.Array, pattern: str, phrases: list[Phrase], entry_of_span: dict[str, str]
+    ) -> pa.Array:
         """The first span of an alternation of `phrases` in each row, reported as its list entry; null where
         none occurs."""
         found = pc.struct_field(pc.extract_regex(canonical, pattern), [0])
         # Matched spans vary ("aerials", "birdseye view", "top view of the old town"); map each distinct one
         # back to its list entry, remembering the answer (most spans recur from shard to shard).
         spans = pc.unique(found).drop_null()
-        if len(self._entry_of_span) > 100_000:
-            self._entry_of_span.clear()
-        entries = [self._entry_of_span.get(span) or self._entry(span, phrases) for span in spans.to_pylist()]
+        if len(entry_of_span) > 100_000:
+            entry_of_span.clear()
+        entries = []
+        for span in spans.to_pylist():
+            if span not in entry_of_span:
+                entry_of_span[span] = next(p.text for p in phrases if p.regex.fullmatch(span))
+            entries.append(entry_of_span[span])
         return pc.take(pa.array(entries, pa.string()), pc.index_in(found, spans))
-
-    def _entry(self, span: str, phrases: list[Phrase]) -> str:
-        entry = self._entry_of_span[span] = next(p.text for p in phrases if p.regex.fullmatch(span))
-        return entry
 
     def _with_named(self, masked: pa.Array, keyword: pa.Array) -> pa.Array:
         """`keyword`, with the `~geoname` entry that holds in each row that had none (a fallback: a row that
