@@ -16,6 +16,7 @@ from uuid import UUID
 from prefect import Flow, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
+from prefect.settings import temporary_settings
 from prefect.states import Failed
 
 from flows.run_control import ActiveRun, stoppable
@@ -97,8 +98,12 @@ def run_pipelines(
         parent = [UUID(run_id)] if flow_run.get_id() else []
         with stoppable(ActiveRun(layout, run_id, record, parent)):
             try:
-                for stage in selected:
-                    results.append(stage_flow_for(stage, config)(config=config, run_id=run_id))
+                # A stage flow runs in this flow's process, which sends the run's heartbeats (Prefect's
+                # detection of crashed runs); one more heartbeat thread per stage flow would add up to a
+                # second to every stage, as Prefect joins it out of a 1 s sleep when the flow ends.
+                with temporary_settings(updates={"flows.heartbeat_frequency": None}):
+                    for stage in selected:
+                        results.append(stage_flow_for(stage, config)(config=config, run_id=run_id))
                 report = load_funnel(layout)
                 publish_funnel(report, str(layout.root))
             except Exception as error:

@@ -10,6 +10,7 @@ completes without it, the run ends Failed naming it, and a rerun picks it up.
 
 from __future__ import annotations
 
+import time
 from typing import Any, TextIO
 from uuid import UUID
 
@@ -71,6 +72,10 @@ class StageProgress:
     progress artifact in the Prefect UI (key rs5m-progress-<stage>), and the terminal (flows/progress_line.py:
     a live line while the stage runs, one plain line when it ends)."""
 
+    # Each artifact update is a round trip to the Prefect server: per unit, a stage of thousands of shards
+    # (or of reused ones, done in milliseconds) would spend more time reporting than working.
+    ARTIFACT_INTERVAL_S = 2.0
+
     def __init__(self, stage: str, total: int, terminal: TextIO | None = None) -> None:
         self.stage, self.total = stage, total
         self.done = self.reused = self.rows = 0
@@ -80,6 +85,7 @@ class StageProgress:
             key=f"rs5m-progress-{stage.replace('_', '-')}",
             description=self.describe(),
         )
+        self.artifact_updated = time.monotonic()
 
     def __enter__(self) -> StageProgress:
         return self
@@ -93,7 +99,10 @@ class StageProgress:
             self.reused += 1
         elif summary is not None:
             self.rows += sum(summary.counts.values())
-        update_progress_artifact(self.artifact_id, progress=self._percent(), description=self.describe())
+        now = time.monotonic()
+        if self.done == self.total or now - self.artifact_updated >= self.ARTIFACT_INTERVAL_S:
+            update_progress_artifact(self.artifact_id, progress=self._percent(), description=self.describe())
+            self.artifact_updated = now
         self.line.update(self.done, self.describe())
 
     def finish(self) -> None:

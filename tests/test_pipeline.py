@@ -194,6 +194,25 @@ def test_prefect_api_shows_the_run_its_tasks_and_artifacts(demo_run: Path, prefe
         progress = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[r.id for r in children]))
         )
+        # the run's process sends heartbeats (Prefect's detection of crashed runs) for the parent flow run only
+        runs = [f"prefect.flow-run.{run_id}" for run_id in (parent_id, *(run.id for run in children))]
+        deadline = time.monotonic() + 30  # the server stores events shortly after they arrive
+        while True:
+            heartbeats = client._client.post(
+                "/events/filter",
+                json={
+                    "filter": {
+                        "event": {"name": ["prefect.flow-run.heartbeat"]},
+                        "any_resource": {"id": runs},
+                    },
+                    "limit": 50,
+                },
+            ).json()["events"]
+            beating = {event["resource"]["prefect.resource.id"] for event in heartbeats}
+            if runs[0] in beating or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+    assert beating == {runs[0]}
     # each stage's flow run moved a progress artifact to 100%, saying how many units ran
     progress_of = {a.key: a for a in progress if a.type == "progress"}
     assert set(progress_of) == {f"rs5m-progress-{name.replace('_', '-')}" for name in STAGES}

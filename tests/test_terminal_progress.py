@@ -78,6 +78,23 @@ def test_off_a_terminal_a_stage_writes_one_plain_line_when_it_ends(artifacts, mo
     assert artifacts[-1][1].startswith("download: 3 of 3 units (1 reused, 2 run), ")
 
 
+def test_the_ui_artifact_moves_at_most_every_interval_and_always_at_the_end(artifacts, monkeypatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(flows.stages.time, "monotonic", lambda: clock[0])
+    with StageProgress("embed", 6, terminal=io.StringIO()) as progress:
+        for _ in range(3):  # units that end within one interval: no round trip to the server each
+            progress.unit_finished(ShardSummary("embed", "web", skipped=True))
+        assert len(artifacts) == 1  # created, not yet moved
+        clock[0] += StageProgress.ARTIFACT_INTERVAL_S
+        progress.unit_finished(ShardSummary("embed", "web", skipped=True))
+        assert artifacts[-1][0] == pytest.approx(100 * 4 / 6)
+        progress.unit_finished(ShardSummary("embed", "web", skipped=True))
+        assert len(artifacts) == 2
+        progress.unit_finished(ShardSummary("embed", "web", skipped=True))  # the last unit: at once
+    assert len(artifacts) == 3
+    assert artifacts[-1] == (100.0, "embed: 6 of 6 units (6 reused, 0 run)")
+
+
 def test_on_a_terminal_a_live_line_is_replaced_by_the_plain_line(artifacts, monkeypatch) -> None:
     monkeypatch.setenv(VERBOSE_ENV, "0")
     monkeypatch.setenv("TERM", "xterm-256color")  # rich draws no live line on a dumb terminal
