@@ -396,6 +396,25 @@ def test_null_and_chunked_captions(shipped: KeywordMatcher) -> None:
     assert exclusion.to_pylist() == [None] * 5
 
 
+def test_any_case_matches_as_unicode_lower_casing_reads_it(tmp_path: Path) -> None:
+    """The prefilter lower-cases ASCII only when the list has no cased letter beyond ASCII; captions then match
+    exactly as if Unicode-lower-cased (the two characters that lower-case to ASCII letters included)."""
+    ascii_list = custom(tmp_path, ["kite camera", "iss", "drone"], [])
+    captions = [
+        "\u212aITE CAMERA above the bay",  # Kelvin sign: lower-cases to k
+        "View from the \u0130SS",  # İ: lower-cases to i
+        "DRÖNE SHOT",  # a cased letter beyond ASCII: no keyword
+        "ÉTÉ: DRONE over the Côte",
+        "Ölüdeniz İdrone",  # İ next to a keyword: no keyword, as Unicode lower-casing reads it
+    ]
+    assert [k for k, _ in matched(ascii_list, captions)] == ["kite camera", "iss", None, "drone", None]
+    accented = custom(tmp_path, ["vue aérienne"], [])  # a cased letter beyond ASCII: lower-cased in full
+    assert [k for k, _ in matched(accented, ["VUE AÉRIENNE DE PARIS", "vue aerienne"])] == [
+        "vue aérienne",
+        None,
+    ]
+
+
 def test_unknown_version_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="rs-v99"):
         KeywordMatcher.from_config(KeywordConfig(keywords="rs-v99"))
