@@ -11,6 +11,7 @@ completes without it, the run ends Failed naming it, and a rerun picks it up.
 from __future__ import annotations
 
 import time
+from itertools import pairwise
 from typing import Any, TextIO
 from uuid import UUID
 
@@ -18,7 +19,7 @@ from prefect import Flow, flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
-from prefect.runtime import flow_run
+from prefect.runtime import flow_run, task_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.progress_line import ProgressLine
@@ -37,7 +38,7 @@ from tasks.harness import (
     fail_stage,
 )
 from tasks.pipeline import STAGES, refresh_workdir_catalog, workdir_stage_order
-from tasks.retry import retry_if_transient
+from tasks.retry import UnitsFailed, retry_if_transient
 
 
 class StageFailed(RuntimeError):
@@ -48,22 +49,49 @@ def run_id_or_flow_run(run_id: str | None) -> str:
     return run_id or str(flow_run.get_id() or "local")
 
 
-@task(task_run_name="{stage}-{unit}", cache_policy=NO_CACHE)
-def run_unit(workdir: str, stage: str, unit: str, config: PipelineConfig, run_id: str) -> ShardSummary:
-    """One unit of one stage, through the stage object's plain code (tasks/)."""
-    return STAGES[stage].run_unit(Layout(workdir), unit, config, run_id)
+def _batch_run_name() -> str:
+    parameters = task_run.parameters
+    units = parameters["units"]
+    return f"{parameters['stage']}-{units[0]}" + (f"-to-{units[-1]}" if len(units) > 1 else "")
 
 
-def _unit_task(stage: Stage) -> Any:
-    return run_unit.with_options(
-        name=f"{stage.name}-unit",
+@task(task_run_name=_batch_run_name, cache_policy=NO_CACHE)
+def run_units(
+    workdir: str, stage: str, units: list[str], config: PipelineConfig, run_id: str
+) -> list[ShardSummary]:
+    """Units of one stage, one after the other, through the stage object's plain code (tasks/). Every unit
+    is tried; those that failed are raised together after the others committed."""
+    done: list[ShardSummary] = []
+    errors: dict[str, BaseException] = {}
+    for unit in units:
+        try:
+            done.append(STAGES[stage].run_unit(Layout(workdir), unit, config, run_id))
+        except Exception as error:  # the batch's other units still run; the task then fails naming it
+            errors[unit] = error
+    if errors:
+        raise UnitsFailed(errors, done)
+    return done
+
+
+def _units_task(stage: Stage) -> Any:
+    return run_units.with_options(
+        name=f"{stage.name}-units",
         retries=stage.retries,
         retry_delay_seconds=list(stage.retry_delays_s),
         retry_condition_fn=retry_if_transient if stage.retries else None,
     )
 
 
-UNIT_TASKS = {name: _unit_task(stage) for name, stage in STAGES.items()}
+UNITS_TASKS = {name: _units_task(stage) for name, stage in STAGES.items()}
+
+
+def unit_batches(units: list[str], most: int) -> list[list[str]]:
+    """The units in at most `most` batches of consecutive units, as even as can be (one unit each when they are
+    no more than `most`)."""
+    count = min(len(units), most)
+    size, extra = divmod(len(units), count) if count else (0, 0)
+    starts = [i * size + min(i, extra) for i in range(count + 1)]
+    return [units[a:b] for a, b in pairwise(starts)]
 
 
 class StageProgress:
@@ -122,24 +150,32 @@ class StageProgress:
         return 100.0 * self.done / self.total if self.total else 100.0
 
 
-def _collect(stage: str, units: list[str], futures: Any) -> tuple[list[ShardSummary], dict[str, str]]:
-    """Wait for every unit's task, moving the stage's progress as each ends; the summaries of those
+def _collect(stage: str, batches: list[list[str]], futures: Any) -> tuple[list[ShardSummary], dict[str, str]]:
+    """Wait for every batch's task, moving the stage's progress as each ends; the summaries of the units
     that completed, and unit -> error for the rest."""
-    unit_of = {id(future): unit for unit, future in zip(units, futures, strict=True)}
+    batch_of = {id(future): batch for batch, future in zip(batches, futures, strict=True)}
     summaries: list[ShardSummary] = []
     failed: dict[str, str] = {}
-    with StageProgress(stage, len(units)) as progress:
+    with StageProgress(stage, sum(len(batch) for batch in batches)) as progress:
         for future in as_completed(list(futures)):
             future.wait()  # as_completed can yield before the future's Prefect state is final
-            summary = None
+            batch = batch_of[id(future)]
             if future.state.is_completed():
-                summary = future.result()
-                summaries.append(summary)
+                done, errors = future.result(), {}
             else:
-                unit = unit_of[id(future)]
-                failed[unit] = future.state.message or "failed"
-                get_run_logger().error("%s failed: %s", unit, failed[unit])
-            progress.unit_finished(summary)
+                error = future.result(raise_on_failure=False)
+                if isinstance(error, UnitsFailed):
+                    done, errors = error.done, error.messages()
+                else:  # the task itself failed (crashed or cancelled): none of its units is known done
+                    done, errors = [], dict.fromkeys(batch, future.state.message or "failed")
+                for unit, message in errors.items():
+                    get_run_logger().error("%s failed: %s", unit, message)
+            summaries.extend(done)
+            failed.update(errors)
+            for summary in done:
+                progress.unit_finished(summary)
+            for _ in range(len(batch) - len(done)):
+                progress.unit_finished(None)
     return summaries, failed
 
 
@@ -166,14 +202,17 @@ def run_stage(stage: Stage, config: PipelineConfig, run_id: str | None) -> dict[
         # every later one as not complete
         begin_stage(layout, stage.name, run_id)
         refresh_workdir_catalog(layout)
-        futures = UNIT_TASKS[stage.name].map(
+        # a task per unit, or per batch of units past runner.max_tasks_per_stage: the Prefect server slows
+        # down at thousands of task runs
+        batches = unit_batches(units, config.runner.max_tasks_per_stage)
+        futures = UNITS_TASKS[stage.name].map(
             workdir=unmapped(str(layout.root)),
             stage=unmapped(stage.name),
-            unit=units,
+            units=batches,
             config=unmapped(config),
             run_id=unmapped(run_id),
         )
-        summaries, failed = _collect(stage.name, units, futures)
+        summaries, failed = _collect(stage.name, batches, futures)
         failed_sources = failed if isinstance(stage, SourceStage) else {}
         if failed and not failed_sources:
             error = StageFailed(

@@ -388,6 +388,13 @@ class RunnerConfig(Strict):
         "the size (size: faster on huge work directories, misses damage that keeps the size).",
         json_schema_extra=_SPEED_ONLY,
     )
+    max_tasks_per_stage: int = Field(
+        1000,
+        ge=1,
+        description="Prefect task runs per stage at most: a stage with more units (shards) gives each task a "
+        "batch of consecutive units (the Prefect server slows down at thousands of task runs).",
+        json_schema_extra=_SPEED_ONLY,
+    )
     stall_timeout_s: float | None = Field(
         1800.0,
         gt=0,

@@ -13,7 +13,21 @@ from typing import Any
 import aiohttp
 
 
+class UnitsFailed(RuntimeError):
+    """Units of one task's batch that failed, each with its error; the batch's other units committed (their
+    summaries in `done`). Transient when any of the errors is: a retry reruns only the units without a marker."""
+
+    def __init__(self, errors: dict[str, BaseException], done: list[Any]) -> None:
+        self.errors, self.done = errors, done
+        super().__init__("; ".join(f"{unit}: {type(e).__name__}: {e}" for unit, e in errors.items()))
+
+    def messages(self) -> dict[str, str]:
+        return {unit: f"{type(error).__name__}: {error}" for unit, error in self.errors.items()}
+
+
 def is_transient(error: BaseException) -> bool:
+    if isinstance(error, UnitsFailed):
+        return any(is_transient(e) for e in error.errors.values())
     if isinstance(error, aiohttp.ClientResponseError):
         return error.status >= 500 or error.status == 429
     return isinstance(error, TimeoutError | ConnectionError | aiohttp.ClientError | BrokenProcessPool)
