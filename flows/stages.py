@@ -1,7 +1,8 @@
 """One Prefect flow per stage, generated from the stage objects of tasks/pipeline.py: each maps one task over
-the stage's units (its sources, its upstream's shards, or the single unit of a global stage), then records
-the stage complete. The Prefect server sees a few task runs per shard, never one per sample; flows pass the
-config, unit ids and the work directory, and the data stays in Parquet.
+the stage's units (its sources, its upstream's shards, or the single unit of a global stage), or over
+batches of consecutive units past `runner.max_tasks_per_stage`, then records the stage complete. The Prefect
+server sees at most that many task runs per stage, never one per sample; flows pass the config, unit ids and
+the work directory, and the data stays in Parquet.
 
 Units are independent: a failed unit fails its stage only after the others have committed, and the rerun
 redoes just the missing ones. A source that cannot be read (a source stage's unit) fails alone: the stage
