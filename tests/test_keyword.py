@@ -415,6 +415,16 @@ def test_any_case_matches_as_unicode_lower_casing_reads_it(tmp_path: Path) -> No
     ]
 
 
+def test_a_matcher_is_built_once_per_list_contents(tmp_path: Path) -> None:
+    """The stage asks for its matcher per shard: the lists are read again only when a file's content changed."""
+    first = custom(tmp_path, ["aerial view"], [])
+    assert custom(tmp_path, ["aerial view"], []) is first  # files written again, same contents
+    edited = custom(tmp_path, ["aerial shot"], [])  # same size, other words
+    assert edited is not first and edited.identity != first.identity
+    assert [k for k, _ in matched(edited, ["an aerial shot", "an aerial view"])] == ["aerial shot", None]
+    assert KeywordMatcher.from_config(KeywordConfig()) is KeywordMatcher.from_config(KeywordConfig())
+
+
 def test_unknown_version_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="rs-v99"):
         KeywordMatcher.from_config(KeywordConfig(keywords="rs-v99"))
