@@ -11,60 +11,22 @@ time from its progress line and the whole command's, best of the turns, and batc
 
 from __future__ import annotations
 
-from _common import OFFLINE_ENVIRONMENT, REPO  # first: sys.path and the offline environment
+import _common  # noqa: F401 - the repository on sys.path, the offline environment
 
 import argparse
 import json
-import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import yaml
 
-BIN = REPO / ".venv" / "bin"
+from tests.helpers import BIN, PrefectServer, free_port  # the server the tests start, started the same way
+
 ROWS_PER_SHARD = 10
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_server(home: Path) -> tuple[subprocess.Popen, dict[str, str]]:
-    """`prefect server start` on a free loopback port; the environment that points a client at it."""
-    port = free_port()
-    env = {
-        **os.environ,
-        **OFFLINE_ENVIRONMENT,
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }
-    server = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    api = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{api}/health", timeout=2):
-                break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                raise SystemExit("bench_task_batches: the Prefect server did not start") from None
-            time.sleep(0.5)
-    return server, {**env, "PREFECT_API_URL": api}
 
 
 def write_config(folder: Path, source: Path, most: int) -> Path:
@@ -120,15 +82,16 @@ def main() -> None:
                 )
         cases = {"task per shard": args.shards, f"batched ({args.batched} tasks)": args.batched}
         configs = {name: write_config(root / str(most), source, most) for name, most in cases.items()}
-        server, env = start_server(root / "prefect-home")
+        server = PrefectServer(port=free_port(), home=root / "prefect-home")
+        server.start()
+        env = server.env()
         try:
             times: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
             for _ in range(args.repeats):
                 for name, config in configs.items():
                     times[name].append(timed_run(config, env))
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            server.stop()
     print(f"{args.shards:,} keyword shards of {ROWS_PER_SHARD} rows, a Prefect server on loopback")
     best = {name: (min(s for s, _ in runs), min(t for _, t in runs)) for name, runs in times.items()}
     for name, (stage, total) in best.items():
