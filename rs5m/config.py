@@ -105,11 +105,11 @@ class IngestConfig(Strict):
 
 
 class KeywordConfig(Strict):
-    # Each list has its own versions: rs-v3 to rs-v13 changed the keywords, rs-v5 came with rs-v3 places, rs-v7
+    # Each list has its own versions: rs-v3 to rs-v14 changed the keywords, rs-v5 came with rs-v3 places, rs-v7
     # with rs-v1 geonames, rs-v11 with rs-v3 exclusions.
     keywords: str = Field(
-        "rs-v13",
-        description="Shipped keyword list version (rs-v13 ... rs-v1) or a path to a keyword file.",
+        "rs-v14",
+        description="Shipped keyword list version (rs-v14 ... rs-v1) or a path to a keyword file.",
     )
     exclusions: str = Field(
         "rs-v3",

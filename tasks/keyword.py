@@ -20,18 +20,22 @@ keyword and contain such a cue, a few per thousand even on photo titles, look th
 set of the names.
 
 The word `<thousands>` in an entry (rs-v4: "from <thousands> feet") stands for a number of at least 1,000,
-with or without thousands separators.
+with or without thousands separators; `<hundreds>` (rs-v14: "fl <hundreds>", a flight level) for one of
+three digits.
 
-Speed: PUB11 starts from billions of captions, so the work is vectorised with pyarrow.compute (RE2). One
-loose pass of the keyword alternation over the lower-cased captions finds the few candidate rows (it
+Speed: PUB11 starts from billions of captions, so the work is vectorised with pyarrow.compute (RE2). A
+loose prefilter of the keyword alternation over the lower-cased captions finds the few candidate rows (it
 accepts everything the exact match accepts, and entries that begin and end with a letter only between
 non-letters); canonicalisation, exclusion masking and whole-word extraction then run on the candidates only.
-The pass is case-sensitive on lower-cased text rather than case-insensitive on the raw text: case folding
-enlarges RE2's automaton, and past about 11,000 characters of alternation (rs-v6) its DFA ran out of memory
-and fell back to an engine 40-80x slower. For a list without cased letters beyond ASCII (the shipped ones)
-that text is ASCII-lower-cased, about ten times cheaper than Unicode lower-casing; only the candidates are
-lower-cased in full. Each kernel call compiles its pattern (about 9 ms for the keyword
-alternation), a fixed cost per shard: give the stage large shards.
+The prefilter is case-sensitive on lower-cased text rather than case-insensitive on the raw text: case
+folding enlarges RE2's automaton, and past about 11,000 characters of alternation (rs-v6) its DFA ran out of
+memory and fell back to an engine 40-80x slower. A large enough alternation does that even without case
+folding (rs-v14), so a prefilter longer than PREFILTER_CHARS characters is cut into even parts, one pass
+each.
+For a list without cased letters beyond ASCII (the shipped ones) the text is ASCII-lower-cased, about ten
+times cheaper than Unicode lower-casing; only the candidates are lower-cased in full. Each kernel call
+compiles its pattern (about 9 ms for the keyword alternation), a fixed cost per shard: give the stage large
+shards.
 """
 
 from __future__ import annotations
@@ -76,18 +80,42 @@ _CANONICAL_STEPS = (
 _MASK = " # "
 # Between two words of a phrase in the loose prefilter: whatever canonicalisation turns into a separator.
 _LOOSE_GAP = "[^a-z0-9]*"
+# The most characters of one prefilter pattern (see _candidate_patterns), and the tag of an entry the
+# prefilter bounds by non-letters while the parts are cut. Measured over 50,000 CC3M captions, before the
+# bounded entries shared their plural: rs-v13's 17,700 characters in one pattern took 0.02 s, rs-v14's
+# 21,300 0.9 s (its first 20,000 alone 0.02 s: where the fall comes depends on the entries), in two parts of
+# 10,700 0.03 s. Sharing the plural made rs-v14's one pattern of 16,900 characters, 0.02 s.
+PREFILTER_CHARS = 18_000
+_BOUNDED = "\0"
+# The plural an entry's last word may take.
+_PLURAL = "(?:e?s)?"
 # Proximity entries: `CUE ~name` holds when a word of list `name` lies within WINDOW words of CUE, either side.
 NEAR_LISTS = ("place", "geoname")
 WINDOW = 4
 # One word between a cue and its place: canonical text is words of letters and digits, single spaces and the
 # mask's "#", which is no word, so an exclusion span breaks the window. Cheaper to compile than [\pL\pN]+.
 _GAP = f"(?: [^ #]+){{0,{WINDOW}}} "
-# A word of an entry that stands for a number of at least 1,000, with or without thousands separators:
-# "from <thousands> feet" matches "from 10,000 feet", "from 30000ft" and "from 1.500 m", not "from 10 feet".
-THOUSANDS = "<thousands>"
-_THOUSANDS_MARK = "\1"  # its place among the words while an entry is parsed
-_THOUSANDS_CANONICAL = r"(?:\d{4,}|\d{1,3}(?: \d{3})+)"  # canonical text: "10,000" -> "10 000"
-_THOUSANDS_LOOSE = r"[0-9]+(?:[^a-z0-9]*[0-9]+)*"
+
+
+@dataclass(frozen=True)
+class NumberWord:
+    """A word of an entry that stands for a number: its mark among the words while an entry is parsed, its
+    patterns over canonical and raw text, and the number an example shows."""
+
+    mark: str
+    canonical: str
+    loose: str
+    example: str
+
+
+NUMBER_WORDS = {
+    # At least 1,000, with or without thousands separators: "from <thousands> feet" matches "from 10,000
+    # feet", "from 30000ft" and "from 1.500 m", not "from 10 feet" (canonical text: "10,000" -> "10 000").
+    "<thousands>": NumberWord("\1", r"(?:\d{4,}|\d{1,3}(?: \d{3})+)", r"[0-9]+(?:[^a-z0-9]*[0-9]+)*", "1000"),
+    # Three digits, 100 to 999: "fl <hundreds>" is a flight level ("FL360", "FL 370"), not "FL 2" or "FL 1000".
+    "<hundreds>": NumberWord("\2", r"[1-9]\d\d", r"[1-9][0-9][0-9]", "100"),
+}
+_NUMBER_MARKS = {word.mark: word for word in NUMBER_WORDS.values()}
 
 
 @dataclass(frozen=True)
@@ -105,18 +133,20 @@ class Phrase:
 def _parse_phrase(text: str, origin: str) -> Phrase:
     anchored = text.startswith("^")
     body = text[1:] if anchored else text
-    body = body.lower().replace(THOUSANDS, f" {_THOUSANDS_MARK} ")
+    body = body.lower()
+    for name, number in NUMBER_WORDS.items():
+        body = body.replace(name, f" {number.mark} ")
     body = re.sub(rf"\s*[{_APOSTROPHES}]\s*s\b", "\0", body)  # \0 marks an optional possessive s
     body = re.sub(r"([^\W\d_])(\d)", r"\1 \2", body)
     body = re.sub(r"(\d)([^\W\d_])", r"\1 \2", body)
-    words = [w for w in re.split(r"[^\w\0\1]+|_", body) if w.strip("\0")]
+    words = [w for w in re.split(rf"[^\w\0{''.join(_NUMBER_MARKS)}]+|_", body) if w.strip("\0")]
     if not words or "^" in body:
         raise ValueError(f"{origin}: not a usable phrase: {text!r} (letters or digits, '^' only first)")
     canonical_words, loose_words = [], []
     for i, word in enumerate(words):
-        if word == _THOUSANDS_MARK:
-            canonical_words.append(_THOUSANDS_CANONICAL)
-            loose_words.append(_THOUSANDS_LOOSE)
+        if word in _NUMBER_MARKS:
+            canonical_words.append(_NUMBER_MARKS[word].canonical)
+            loose_words.append(_NUMBER_MARKS[word].loose)
             continue
         possessive = word.endswith("\0")
         stem = re.escape(word.rstrip("\0"))
@@ -125,7 +155,7 @@ def _parse_phrase(text: str, origin: str) -> Phrase:
             stem + (f"{_LOOSE_GAP}s?" if possessive else ""),
         )
         if i == len(words) - 1 and not possessive and not stem[-1].isdigit():
-            canonical, loose = canonical + "(?:e?s)?", loose + "(?:e?s)?"
+            canonical, loose = canonical + _PLURAL, loose + _PLURAL
         canonical_words.append(canonical)
         loose_words.append(loose)
     canonical = ("^" if anchored else r"\b") + " ?".join(canonical_words) + r"\b"
@@ -133,7 +163,9 @@ def _parse_phrase(text: str, origin: str) -> Phrase:
         text=" ".join(text.split()),
         canonical=canonical,
         loose=_LOOSE_GAP.join(loose_words),
-        example=" ".join("1000" if w == _THOUSANDS_MARK else w.replace("\0", "s") for w in words),
+        example=" ".join(
+            _NUMBER_MARKS[w].example if w in _NUMBER_MARKS else w.replace("\0", "s") for w in words
+        ),
         regex=re.compile(canonical),
     )
 
@@ -312,6 +344,7 @@ RELEASED_WITH = {
     "rs-v11": ("rs-v3", "rs-v3", "rs-v1"),
     "rs-v12": ("rs-v3", "rs-v3", "rs-v1"),
     "rs-v13": ("rs-v3", "rs-v3", "rs-v1"),
+    "rs-v14": ("rs-v3", "rs-v3", "rs-v1"),
 }
 
 
@@ -326,17 +359,36 @@ def resolve_list(value: str, kind: str) -> Path:
     return resolve_shipped(value, LISTS_DIR, f".{kind}.txt", f"{kind} list")
 
 
-def _candidate_pattern(keywords: list[Phrase]) -> str:
-    """The loose prefilter over lower-cased raw text: any entry's loose pattern. Entries that begin and end with a
-    letter are bounded by non-letters (canonical text splits words at every other character, digits included),
-    so a short word does not make every caption holding it inside a longer one a candidate ("iss" in
-    "mission", "issue"). Grouped, the bounds cost the pattern two short groups, not one per entry."""
-    bounded, free = [], []
+def _candidate_pattern(loose: list[str]) -> str:
+    """The loose prefilter over lower-cased raw text: any of these entries' loose patterns. Entries that begin
+    and end with a letter are bounded by non-letters (canonical text splits words at every other character,
+    digits included), so a short word does not make every caption holding it inside a longer one a candidate
+    ("iss" in "mission", "issue"). Grouped, the bounds and the plural cost the pattern three short groups, not
+    one per entry."""
+    bounded = [pattern for pattern in loose if pattern.startswith(_BOUNDED)]
+    free = [pattern for pattern in loose if not pattern.startswith(_BOUNDED)]
+    inner = "|".join(dict.fromkeys(p.removeprefix(_BOUNDED).removesuffix(_PLURAL) for p in bounded))
+    groups = [f"(?:^|[^a-z])(?:{inner}){_PLURAL}(?:[^a-z]|$)"] if bounded else []
+    return "|".join(groups + free)
+
+
+def _candidate_patterns(keywords: list[Phrase]) -> list[str]:
+    """The prefilter as the fewest even parts of the keyword list (every n-th entry) whose patterns are at most
+    PREFILTER_CHARS long: a row is a candidate when any part matches it. One pass of a larger alternation can
+    outgrow RE2's DFA memory and fall back to its far slower engine, while each pass costs a scan of every
+    row (about 0.075 s per 500,000 captions), so a list is cut only when it must be."""
+    loose = []
     for phrase in keywords:
         words = (phrase.cue or phrase).example
-        (bounded if words[0].isalpha() and words[-1].isalpha() else free).append(phrase.loose)
-    groups = [f"(?:^|[^a-z])(?:{'|'.join(dict.fromkeys(bounded))})(?:[^a-z]|$)"] if bounded else []
-    return "|".join(groups + list(dict.fromkeys(free)))
+        bounded = words[0].isalpha() and words[-1].isalpha()
+        loose.append((_BOUNDED if bounded else "") + phrase.loose)
+    loose = list(dict.fromkeys(loose))
+    parts = -(-len(_candidate_pattern(loose)) // PREFILTER_CHARS)
+    while True:
+        patterns = [_candidate_pattern(loose[i::parts]) for i in range(parts)]
+        if parts >= len(loose) or max(map(len, patterns)) <= PREFILTER_CHARS:
+            return patterns
+        parts += 1
 
 
 def _alternation(phrases: list[Phrase], group: str) -> str:
@@ -381,15 +433,16 @@ class KeywordMatcher:
             lines += [f"geonames within {WINDOW} words", *sorted(geonames.names)]
         normalised = "\n".join(lines)
         self.identity = hashlib.sha256(normalised.encode()).hexdigest()
-        self.candidate_pattern = _candidate_pattern(self.keywords)
+        self.candidate_patterns = _candidate_patterns(self.keywords)
         # The prefilter lower-cases ASCII only (about ten times cheaper than Unicode lower-casing) when its
-        # pattern holds no cased letter beyond ASCII: every other letter of the text then counts the same
+        # patterns hold no cased letter beyond ASCII: every other letter of the text then counts the same
         # upper- or lower-case, and a row holding one of the two characters that lower-case to ASCII letters
         # is a candidate by itself. The candidates are then lower-cased in full, so results do not change.
-        if all(c.isascii() or c.lower() == c.upper() for c in self.candidate_pattern):
-            self._prefilter = (pc.ascii_lower, f"{self.candidate_pattern}|[{_LOWER_TO_ASCII}]")
+        if all(c.isascii() or c.lower() == c.upper() for c in "".join(self.candidate_patterns)):
+            first, *rest = self.candidate_patterns
+            self._prefilter = (pc.ascii_lower, [f"{first}|[{_LOWER_TO_ASCII}]", *rest])
         else:
-            self._prefilter = (pc.utf8_lower, self.candidate_pattern)
+            self._prefilter = (pc.utf8_lower, self.candidate_patterns)
         in_alternation = [p for p in self.keywords if not p.named]
         self._keyword_pattern = _alternation(in_alternation, "keyword") if in_alternation else None
         self._exclusion_pattern = _alternation(self.exclusions, "exclusion") if self.exclusions else None
@@ -440,7 +493,11 @@ class KeywordMatcher:
         if isinstance(captions, pa.ChunkedArray):
             captions = captions.combine_chunks()
         lower, prefilter = self._prefilter
-        is_candidate = pc.fill_null(pc.match_substring_regex(lower(captions), prefilter), False)
+        lowered = lower(captions)
+        is_candidate = functools.reduce(
+            pc.or_, (pc.match_substring_regex(lowered, part) for part in prefilter)
+        )
+        is_candidate = pc.fill_null(is_candidate, False)
         canonical = _canonical(pc.utf8_lower(captions.filter(is_candidate)))
         masked = canonical
         if self._exclusion_pattern is not None:
