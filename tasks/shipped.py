@@ -15,10 +15,17 @@ def resolve_shipped(value: str, folder: Path, suffix: str, what: str) -> Path:
     if VERSION_PATTERN.match(value):
         path = folder / f"{value}{suffix}"
         if not path.is_file():
-            shipped = sorted(p.name.removesuffix(suffix) for p in folder.glob(f"*{suffix}"))
+            names = (p.name.removesuffix(suffix) for p in folder.glob(f"*{suffix}"))
+            shipped = sorted(names, key=_version_order)
             raise ValueError(f"unknown {what} version {value!r} (shipped: {', '.join(shipped)})")
         return path
     path = Path(value).expanduser()
     if not path.is_file():
         raise ValueError(f"{what} file not found: {value}")
     return path
+
+
+def _version_order(name: str) -> tuple[str, int, str]:
+    """rs-v2 before rs-v10; a name that is no version after the versions of its prefix."""
+    found = re.fullmatch(r"(.*-v)([0-9]+)", name)
+    return (found[1], int(found[2]), "") if found else (name, 1 << 62, name)

@@ -511,7 +511,8 @@ def test_a_matcher_is_built_once_per_list_contents(tmp_path: Path) -> None:
 
 
 def test_unknown_version_and_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="rs-v99"):
+    shipped = ", ".join(f"rs-v{n}" for n in range(1, 15))
+    with pytest.raises(ValueError, match=rf"unknown keywords list version 'rs-v99' \(shipped: {shipped}\)"):
         KeywordMatcher.from_config(KeywordConfig(keywords="rs-v99"))
     missing = tmp_path / "nope.txt"
     with pytest.raises(ValueError, match="nope.txt"):
