@@ -28,6 +28,7 @@ from __future__ import annotations
 from _common import SHARED_DATA  # first: sys.path and the offline environment
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -53,11 +54,7 @@ PATTERN_13 = (
 
 def bare_parts(lowered: pa.Array, parts: list[str]) -> pa.Array:
     """Rows any part matches: one bare pass per part, or-ed."""
-    matches = [pc.match_substring_regex(lowered, part) for part in parts]
-    result = matches[0]
-    for more in matches[1:]:
-        result = pc.or_(result, more)
-    return result
+    return functools.reduce(pc.or_, (pc.match_substring_regex(lowered, part) for part in parts))
 
 
 def real_captions() -> tuple[pa.Array, pa.Array]:

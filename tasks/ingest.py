@@ -945,7 +945,7 @@ class SourceIngester:
             while pending.num_rows >= self.config.shard_rows:
                 yield self._outcome(pending.slice(0, self.config.shard_rows))
                 pending = pending.slice(self.config.shard_rows)
-        if pending.num_rows or not len(self._seen):
+        if pending.num_rows or not self._seen:
             yield self._outcome(pending)
 
     def _with_malformed(self, rows: pa.Table, batch: SourceBatch) -> pa.Table:
@@ -980,7 +980,7 @@ class SourceIngester:
                 details[row] = (
                     f"caption of {lengths[row].as_py():,} characters, over max_caption_chars {limit:,}"
                 )
-        repeats = np.asarray(self._seen.record(ids))
+        repeats = self._seen.record(ids)
         for row in np.flatnonzero(repeats).tolist():  # few rows
             identity = ids[row]
             ids[row] = f"{identity}~dup{repeats[row]}"

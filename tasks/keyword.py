@@ -80,13 +80,11 @@ _CANONICAL_STEPS = (
 _MASK = " # "
 # Between two words of a phrase in the loose prefilter: whatever canonicalisation turns into a separator.
 _LOOSE_GAP = "[^a-z0-9]*"
-# The most characters of one prefilter pattern (see _candidate_patterns), and the tag of an entry the
-# prefilter bounds by non-letters while the parts are cut. Measured over 50,000 CC3M captions, before the
+# The most characters of one prefilter pattern (see _candidate_patterns). Measured over 50,000 CC3M captions, before the
 # bounded entries shared their plural: rs-v13's 17,700 characters in one pattern took 0.02 s, rs-v14's
 # 21,300 0.9 s (its first 20,000 alone 0.02 s: where the fall comes depends on the entries), in two parts of
 # 10,700 0.03 s. Sharing the plural made rs-v14's one pattern of 16,900 characters, 0.02 s.
 PREFILTER_CHARS = 18_000
-_BOUNDED = "\0"
 # The plural an entry's last word may take.
 _PLURAL = "(?:e?s)?"
 # Proximity entries: `CUE ~name` holds when a word of list `name` lies within WINDOW words of CUE, either side.
@@ -359,15 +357,15 @@ def resolve_list(value: str, kind: str) -> Path:
     return resolve_shipped(value, LISTS_DIR, f".{kind}.txt", f"{kind} list")
 
 
-def _candidate_pattern(loose: list[str]) -> str:
-    """The loose prefilter over lower-cased raw text: any of these entries' loose patterns. Entries that begin
-    and end with a letter are bounded by non-letters (canonical text splits words at every other character,
-    digits included), so a short word does not make every caption holding it inside a longer one a candidate
-    ("iss" in "mission", "issue"). Grouped, the bounds and the plural cost the pattern three short groups, not
-    one per entry."""
-    bounded = [pattern for pattern in loose if pattern.startswith(_BOUNDED)]
-    free = [pattern for pattern in loose if not pattern.startswith(_BOUNDED)]
-    inner = "|".join(dict.fromkeys(p.removeprefix(_BOUNDED).removesuffix(_PLURAL) for p in bounded))
+def _candidate_pattern(loose: list[tuple[str, bool]]) -> str:
+    """The loose prefilter over lower-cased raw text: any of these (loose pattern, bounded) entries. Bounded
+    entries (those that begin and end with a letter) match only between non-letters (canonical text splits
+    words at every other character, digits included), so a short word does not make every caption holding it
+    inside a longer one a candidate ("iss" in "mission", "issue"). Grouped, the bounds and the plural cost the
+    pattern three short groups, not one per entry."""
+    bounded = [pattern for pattern, is_bounded in loose if is_bounded]
+    free = [pattern for pattern, is_bounded in loose if not is_bounded]
+    inner = "|".join(dict.fromkeys(pattern.removesuffix(_PLURAL) for pattern in bounded))
     groups = [f"(?:^|[^a-z])(?:{inner}){_PLURAL}(?:[^a-z]|$)"] if bounded else []
     return "|".join(groups + free)
 
@@ -380,8 +378,7 @@ def _candidate_patterns(keywords: list[Phrase]) -> list[str]:
     loose = []
     for phrase in keywords:
         words = (phrase.cue or phrase).example
-        bounded = words[0].isalpha() and words[-1].isalpha()
-        loose.append((_BOUNDED if bounded else "") + phrase.loose)
+        loose.append((phrase.loose, words[0].isalpha() and words[-1].isalpha()))
     loose = list(dict.fromkeys(loose))
     parts = -(-len(_candidate_pattern(loose)) // PREFILTER_CHARS)
     while True:

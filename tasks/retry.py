@@ -19,7 +19,7 @@ class UnitsFailed(RuntimeError):
 
     def __init__(self, errors: dict[str, BaseException], done: list[Any]) -> None:
         self.errors, self.done = errors, done
-        super().__init__("; ".join(f"{unit}: {type(e).__name__}: {e}" for unit, e in errors.items()))
+        super().__init__("; ".join(f"{unit}: {message}" for unit, message in self.messages().items()))
 
     def messages(self) -> dict[str, str]:
         return {unit: f"{type(error).__name__}: {error}" for unit, error in self.errors.items()}

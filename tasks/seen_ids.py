@@ -29,11 +29,11 @@ class SeenIds:
         """The number of distinct ids seen."""
         return self._count
 
-    def record(self, ids: list[str]) -> list[int]:
+    def record(self, ids: list[str]) -> np.ndarray:
         """Per id in order, how many times it occurred before it (in earlier batches or earlier in this
         batch); all of them are then counted as seen. Every id must be 24 hex digits."""
         if not ids:
-            return []
+            return np.zeros(0, np.int64)
         keys = _keys(ids)
         hi, lo = keys["hi"].astype(np.uint64), keys["lo"].astype(np.uint32)
         # Within the batch: occurrences in order, by a stable sort on the whole id.
@@ -48,14 +48,16 @@ class SeenIds:
         # Across batches: each distinct id of the batch looked up in every run.
         unique_hi, unique_lo = sorted_hi[first_of_group], sorted_lo[first_of_group]
         before = self._occurrences(unique_hi, unique_lo)
-        repeats = before[group[np.argsort(order)]] + within
+        group_in_order = np.empty_like(group)
+        group_in_order[order] = group
+        repeats = before[group_in_order] + within
         sizes = np.diff(np.append(first_of_group, len(ids)))
         for index in np.flatnonzero((before > 0) | (sizes > 1)):  # rare: repeated ids
             key = (int(unique_hi[index]), int(unique_lo[index]))
             self._repeated[key] = int(before[index] + sizes[index])
         new = before == 0
         self._add_run(unique_hi[new], unique_lo[new])
-        return repeats.tolist()
+        return repeats
 
     def _occurrences(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
         """Per distinct id, how often it was seen before this batch (0: never)."""

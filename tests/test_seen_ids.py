@@ -26,15 +26,15 @@ def test_repeats_within_and_across_batches() -> None:
     a, b, c = "a" * 24, "b" * 24, "0123456789abcdef01234567"
     batches = [[a, b, a], [c, a, c, c], [], [b]]
     seen = SeenIds()
-    assert [seen.record(batch) for batch in batches] == [[0, 0, 1], [0, 2, 1, 2], [], [1]]
+    assert [seen.record(batch).tolist() for batch in batches] == [[0, 0, 1], [0, 2, 1, 2], [], [1]]
     assert len(seen) == 3
 
 
 def test_ids_equal_on_their_first_64_bits_are_still_distinct() -> None:
     prefix = "f" * 16
     seen = SeenIds()
-    assert seen.record([prefix + "00000001", prefix + "00000002"]) == [0, 0]
-    assert seen.record([prefix + "00000003", prefix + "00000002", prefix + "00000001"]) == [0, 1, 1]
+    assert seen.record([prefix + "00000001", prefix + "00000002"]).tolist() == [0, 0]
+    assert seen.record([prefix + "00000003", prefix + "00000002", prefix + "00000001"]).tolist() == [0, 1, 1]
     assert len(seen) == 3
 
 
@@ -59,7 +59,7 @@ def test_matches_a_dict_over_many_batches_and_run_merges(seed: int) -> None:
             pool.append(identity)
         batches.append(batch)
     seen = SeenIds()
-    assert [seen.record(batch) for batch in batches] == counted_before(batches)
+    assert [seen.record(batch).tolist() for batch in batches] == counted_before(batches)
     assert len(seen) == len(set(pool))
     assert len(seen._runs) < 12  # merged as they grow: about log2 of the batches
 
