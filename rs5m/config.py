@@ -105,19 +105,19 @@ class IngestConfig(Strict):
 
 
 class KeywordConfig(Strict):
-    # Each list has its own versions: rs-v3 to rs-v14 changed the keywords, rs-v5 came with rs-v3 places, rs-v7
-    # with rs-v1 geonames, rs-v11 with rs-v3 exclusions.
+    # Each list has its own versions: rs-v3 to rs-v15 changed the keywords, rs-v5 came with rs-v3 places, rs-v7
+    # with rs-v1 geonames, rs-v11 with rs-v3 exclusions, rs-v15 with rs-v4 places.
     keywords: str = Field(
-        "rs-v14",
-        description="Shipped keyword list version (rs-v14 ... rs-v1) or a path to a keyword file.",
+        "rs-v15",
+        description="Shipped keyword list version (rs-v15 ... rs-v1) or a path to a keyword file.",
     )
     exclusions: str = Field(
         "rs-v3",
         description="Shipped exclusion list version (rs-v3 ... rs-v1) or a path to an exclusion file.",
     )
     places: str = Field(
-        "rs-v3",
-        description="Shipped places list version (rs-v3, rs-v2) or a path to one: the words a `CUE ~place` entry "
+        "rs-v4",
+        description="Shipped places list version (rs-v4 ... rs-v2) or a path to one: the words a `CUE ~place` entry "
         "needs nearby. Read only by lists with such entries (its content is then part of the stage identity).",
         json_schema_extra=_CONTENT_HASHED,
     )

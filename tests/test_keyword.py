@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from rs5m.config import KeywordConfig, parse_config
@@ -22,6 +23,7 @@ from tasks.keyword import (
     REASONS,
     RELEASED_WITH,
     KeywordMatcher,
+    _canonical,
     filter_shard,
     released_config,
     resolve_list,
@@ -190,7 +192,8 @@ def ingest_table(captions: list[str | None]) -> pa.Table:
         ("Burning man festival from above", "from above"),
         ("The approach into Denver last night was amazing.", "approach into"),
         ("Approach to San Diego at dusk", "approach to ~geoname"),
-        ("I took this photo of downtown shortly after takeoff from Lindbergh Field", "after take off"),
+        # a longer rs-v15 entry reports it: "take off from ~place" (Field is a place word)
+        ("I took this photo of downtown shortly after takeoff from Lindbergh Field", "take off from ~place"),
         ("I believe that is Philadephia from FL370", "fl <hundreds>"),
         ("Downtown Los Angeles @ 2000ft on a clear Saturday night", "<thousands> ft"),
         ("KSBA and the California coast from my C172", "c 172"),
@@ -198,6 +201,15 @@ def ingest_table(captions: list[str | None]) -> pa.Table:
         ("European night illumination in 1992 and 2010", "night illumination"),
         ("Somewhere above New Mexico [1600x1200]", "above ~geoname"),
         ("Downtown San Diego (x-post from /r/airplanewindowshots)", "airplanewindowshots"),
+        # rs-v15: more stock cues of an overhead view; rs-v4 places add the RS benchmarks' scene classes
+        ("overhead view of a tennis court", "overhead view ~place"),
+        ("airview of the port", "air view"),
+        ("above view of the village", "above view ~place"),
+        ("top shot of the highway interchange", "top shot ~place"),
+        ("looking straight down at the fields", "straight down ~place"),
+        ("the town from up high", "from up high ~place"),
+        ("the stadium from the blimp", "from the blimp"),
+        ("Sentinel imagery of the flooded delta", "sentinel imagery"),
     ],
 )
 def test_shipped_list_matches_variants(shipped: KeywordMatcher, caption: str, keyword: str) -> None:
@@ -242,7 +254,12 @@ def test_from_above_alone_is_a_measured_cost(shipped: KeywordMatcher) -> None:
     4 in CC3M's 15,833 captions and 2 in the LAION sample's 10,000."""
     rs_v13 = KeywordMatcher.from_config(released_config("rs-v13"))
     assert matched(rs_v13, FLAT_LAYS_FROM_ABOVE) == [(None, None)] * 3
-    assert [k for k, _ in matched(shipped, FLAT_LAYS_FROM_ABOVE)] == ["from above"] * 3
+    # rs-v15's places name a basketball court (an RS scene class), so a longer entry reports the second
+    assert [k for k, _ in matched(shipped, FLAT_LAYS_FROM_ABOVE)] == [
+        "from above",
+        "viewed from above ~place",
+        "from above",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -511,7 +528,7 @@ def test_a_matcher_is_built_once_per_list_contents(tmp_path: Path) -> None:
 
 
 def test_unknown_version_and_missing_file(tmp_path: Path) -> None:
-    shipped = ", ".join(f"rs-v{n}" for n in range(1, 15))
+    shipped = ", ".join(f"rs-v{n}" for n in range(1, 16))
     with pytest.raises(ValueError, match=rf"unknown keywords list version 'rs-v99' \(shipped: {shipped}\)"):
         KeywordMatcher.from_config(KeywordConfig(keywords="rs-v99"))
     missing = tmp_path / "nope.txt"
@@ -534,7 +551,7 @@ def test_identity_follows_list_contents(tmp_path: Path, shipped: KeywordMatcher)
     changed = custom(tmp_path, ["aerial", "satellite image"], ["tv aerial", "aerial yoga"])
     assert base.identity == reformatted.identity
     assert base.identity != changed.identity
-    named = KeywordConfig(keywords="rs-v14", exclusions="rs-v3", places="rs-v3", geonames="rs-v1")
+    named = KeywordConfig(keywords="rs-v15", exclusions="rs-v3", places="rs-v4", geonames="rs-v1")
     assert shipped.identity == KeywordMatcher.from_config(named).identity
     assert len(shipped.identity) == 64
 
@@ -826,8 +843,8 @@ def _pipeline(keyword: dict) -> dict:
 def test_places_config(tmp_path: Path) -> None:
     assert KeywordConfig().exclusions == "rs-v3"
     assert (KeywordConfig().keywords, KeywordConfig().places, KeywordConfig().geonames) == (
-        "rs-v14",
-        "rs-v3",
+        "rs-v15",
+        "rs-v4",
         "rs-v1",
     )
     with pytest.raises(
@@ -848,7 +865,7 @@ def test_places_config(tmp_path: Path) -> None:
     assert KEYWORD.fingerprint(parse_config(_pipeline(v1))) == KEYWORD.fingerprint(
         parse_config(_pipeline({**v1, "places": str(tmp_path / "my-places.txt")}))
     )
-    (tmp_path / "copy.txt").write_text(resolve_list("rs-v3", "places").read_text())
+    (tmp_path / "copy.txt").write_text(resolve_list("rs-v4", "places").read_text())
     assert KEYWORD.fingerprint(parse_config(_pipeline({}))) == KEYWORD.fingerprint(
         parse_config(_pipeline({"places": str(tmp_path / "copy.txt")}))
     )
@@ -1086,8 +1103,35 @@ MEASURED = {
                (82, 179, 2, 4249), (137, 448, 16, 3378), (76, 372, 3, 4526), (58, 80, 2, 4643),
                (50, 709, 3, 4199), (41, 127, 2, 4810), (47, 39, 4, 4900), (35, 26, 0, 4917),
                (36, 43, 4, 4895), (29, 43, 5, 4903), (12, 34, 10, 4876)),
+    "rs-v15": ((99, 46, 0, 175), (37, 19, 0, 186), (13, 3, 0, 625), (16, 7, 0, 628),
+               (116, 52, 0, 3817), (35, 6, 1, 1142), (35, 31, 3, 2531), (184, 32, 2, 1969),
+               (82, 179, 2, 4249), (137, 448, 16, 3378), (76, 372, 3, 4526), (58, 80, 2, 4643),
+               (50, 709, 3, 4199), (41, 127, 2, 4810), (47, 40, 4, 4899), (35, 26, 0, 4917),
+               (36, 44, 4, 4894), (29, 43, 5, 4903), (12, 34, 10, 4876)),
 }
 # fmt: on
+
+
+@pytest.mark.parametrize("version", ["rs-v14", "rs-v15"])
+def test_two_alternations_report_what_one_would(version: str, labelled: list[dict[str, str]]) -> None:
+    """The plain and the proximity entries are matched as two patterns (one outgrew RE2's DFA); on every
+    labelled caption and a sentence where both occur, either way round, the entry reported is the one a
+    single alternation of both reports: the earlier span, the plain one where both begin together."""
+    matcher = KeywordMatcher.from_config(released_config(version))
+    plain, near = matcher._keyword_patterns
+    group = "(?P<keyword>"
+    one = group + plain.removeprefix(group)[:-1] + "|" + near.removeprefix(group)
+    captions = [r["caption"] for r in labelled] + [
+        "top view of the old town taken from a drone",
+        "taken from a drone: top view of the old town",
+        "from above the old town",
+    ]
+    canonical = _canonical(pc.utf8_lower(pa.array(captions, pa.string())))
+    phrases, spans = matcher._in_alternation, matcher._keyword_of_span
+    two = matcher._first_entry(canonical, [plain, near], phrases, spans).to_pylist()
+    assert two == matcher._first_entry(canonical, [one], phrases, spans).to_pylist()
+    assert two[-3:] == ["top view ~place", "from a drone", "from above"]
+    assert sum(entry is not None and entry.endswith("~place") for entry in two) > 30
 
 
 def test_every_shipped_list_is_measured_with_the_lists_it_was_released_with() -> None:
