@@ -344,6 +344,7 @@ RELEASED_WITH = {
     "rs-v13": ("rs-v3", "rs-v3", "rs-v1"),
     "rs-v14": ("rs-v3", "rs-v3", "rs-v1"),
     "rs-v15": ("rs-v3", "rs-v4", "rs-v1"),
+    "rs-v16": ("rs-v3", "rs-v4", "rs-v1"),
 }
 
 
