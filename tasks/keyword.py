@@ -126,45 +126,79 @@ class Phrase:
     cue: Phrase | None = None  # a proximity entry's cue phrase; None for a plain phrase
     near: str | None = None  # a `~place` entry's place alternation (RE2 and Python re); None for the others
     named: bool = False  # a `~geoname` entry: its cue with a name of the geonames list nearby
+    bounded: bool = False  # every way it can begin and end is a letter (the prefilter then bounds it)
 
 
 def _parse_phrase(text: str, origin: str) -> Phrase:
+    """One entry: words, or (since rs-v17) slots of alternatives ("from|aboard a|the plane|airplane" is any of
+    the eight phrases), all matched by one pattern."""
     anchored = text.startswith("^")
-    body = text[1:] if anchored else text
-    body = body.lower()
+    body = (text[1:] if anchored else text).lower()
+    if "^" in body or not body.strip("| \t"):
+        raise ValueError(f"{origin}: not a usable phrase: {text!r} (letters or digits, '^' only first)")
+    slots = [[_option(option, origin, text) for option in slot.split("|")] for slot in body.split()]
+    if len(slots) > 1 and all(len(slot) == 1 for slot in slots):  # no alternatives: separators as before
+        slots = [[_option(body, origin, text)]]
+    canonical_slots, loose_slots = [], []
+    for slot in slots:
+        canonical = [" ?".join(option.canonical) for option in slot]
+        loose = [_LOOSE_GAP.join(option.loose) for option in slot]
+        many = len(slot) > 1
+        canonical_slots.append(f"(?:{'|'.join(canonical)})" if many else canonical[0])
+        loose_slots.append(f"(?:{'|'.join(loose)})" if many else loose[0])
+    if any(option.takes_plural for option in slots[-1]):
+        canonical_slots[-1] += _PLURAL
+        loose_slots[-1] += _PLURAL
+    canonical = ("^" if anchored else r"\b") + " ?".join(canonical_slots) + r"\b"
+    return Phrase(
+        text=" ".join(text.split()),
+        canonical=canonical,
+        loose=_LOOSE_GAP.join(loose_slots),
+        example=" ".join(slot[0].example for slot in slots),
+        regex=re.compile(canonical),
+        bounded=all(o.example[0].isalpha() for o in slots[0])
+        and all(o.example[-1].isalpha() for o in slots[-1]),
+    )
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One alternative of an entry's slot (or a whole entry without alternatives): its words' patterns over
+    canonical and raw text, as an example, and whether its last word may take a plural."""
+
+    canonical: list[str]
+    loose: list[str]
+    example: str
+    takes_plural: bool
+
+
+def _option(body: str, origin: str, text: str) -> _Option:
     for name, number in NUMBER_WORDS.items():
         body = body.replace(name, f" {number.mark} ")
     body = re.sub(rf"\s*[{_APOSTROPHES}]\s*s\b", "\0", body)  # \0 marks an optional possessive s
     body = re.sub(r"([^\W\d_])(\d)", r"\1 \2", body)
     body = re.sub(r"(\d)([^\W\d_])", r"\1 \2", body)
     words = [w for w in re.split(rf"[^\w\0{''.join(_NUMBER_MARKS)}]+|_", body) if w.strip("\0")]
-    if not words or "^" in body:
+    if not words:
         raise ValueError(f"{origin}: not a usable phrase: {text!r} (letters or digits, '^' only first)")
     canonical_words, loose_words = [], []
-    for i, word in enumerate(words):
+    for word in words:
         if word in _NUMBER_MARKS:
             canonical_words.append(_NUMBER_MARKS[word].canonical)
             loose_words.append(_NUMBER_MARKS[word].loose)
             continue
         possessive = word.endswith("\0")
         stem = re.escape(word.rstrip("\0"))
-        canonical, loose = (
-            stem + ("s?" if possessive else ""),
-            stem + (f"{_LOOSE_GAP}s?" if possessive else ""),
-        )
-        if i == len(words) - 1 and not possessive and not stem[-1].isdigit():
-            canonical, loose = canonical + _PLURAL, loose + _PLURAL
-        canonical_words.append(canonical)
-        loose_words.append(loose)
-    canonical = ("^" if anchored else r"\b") + " ?".join(canonical_words) + r"\b"
-    return Phrase(
-        text=" ".join(text.split()),
-        canonical=canonical,
-        loose=_LOOSE_GAP.join(loose_words),
+        canonical_words.append(stem + ("s?" if possessive else ""))
+        loose_words.append(stem + (f"{_LOOSE_GAP}s?" if possessive else ""))
+    last = words[-1]
+    return _Option(
+        canonical=canonical_words,
+        loose=loose_words,
         example=" ".join(
             _NUMBER_MARKS[w].example if w in _NUMBER_MARKS else w.replace("\0", "s") for w in words
         ),
-        regex=re.compile(canonical),
+        takes_plural=last not in _NUMBER_MARKS and not last.endswith("\0") and not last[-1].isdigit(),
     )
 
 
@@ -273,6 +307,7 @@ def _parse_near(text: str, cue_text: str, places: Places | None, origin: str) ->
         canonical=canonical,
         loose=cue.loose,  # every match contains the cue
         example=cue.example if places is None else f"{cue.example} {places.phrases[0].example}",
+        bounded=cue.bounded,
         regex=cue.regex if places is None else re.compile(canonical),
         cue=cue,
         near=None if places is None else places.pattern,
@@ -345,6 +380,7 @@ RELEASED_WITH = {
     "rs-v14": ("rs-v3", "rs-v3", "rs-v1"),
     "rs-v15": ("rs-v3", "rs-v4", "rs-v1"),
     "rs-v16": ("rs-v3", "rs-v4", "rs-v1"),
+    "rs-v17": ("rs-v3", "rs-v4", "rs-v1"),
 }
 
 
@@ -377,11 +413,7 @@ def _candidate_patterns(keywords: list[Phrase]) -> list[str]:
     PREFILTER_CHARS long: a row is a candidate when any part matches it. One pass of a larger alternation can
     outgrow RE2's DFA memory and fall back to its far slower engine, while each pass costs a scan of every
     row (about 0.075 s per 500,000 captions), so a list is cut only when it must be."""
-    loose = []
-    for phrase in keywords:
-        words = (phrase.cue or phrase).example
-        loose.append((phrase.loose, words[0].isalpha() and words[-1].isalpha()))
-    loose = list(dict.fromkeys(loose))
+    loose = list(dict.fromkeys((phrase.loose, (phrase.cue or phrase).bounded) for phrase in keywords))
     parts = -(-len(_candidate_pattern(loose)) // PREFILTER_CHARS)
     while True:
         patterns = [_candidate_pattern(loose[i::parts]) for i in range(parts)]
