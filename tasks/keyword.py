@@ -7,10 +7,11 @@ the syntax). Matching is case-insensitive and whole-word on a canonical copy of 
 positive such as "aerial yoga") vetoes only its own span.
 
 A proximity entry `CUE ~place` (rs-v2: "top view ~place") holds only where a word of the places list
-(tasks/keywords/<version>.places.txt) lies within WINDOW words of the cue, before or after it. It is one more
-alternative of the same RE2 alternation (cue, up to WINDOW words, place; or place, up to WINDOW words, cue),
-so one extract pass still names the entry that matched; an exclusion's mask is no word, so it breaks the
-window.
+(tasks/keywords/<version>.places.txt) lies within WINDOW words of the cue, before or after it. The proximity
+entries are one RE2 pattern (any cue, up to WINDOW words, a place; or a place, up to WINDOW words, a cue)
+beside the alternation of the plain phrases: one extract pass each names the entry that matched, and where
+both match the earlier span wins, as one alternation of both would report it (one pattern of both outgrew
+RE2's DFA when the places grew). An exclusion's mask is no word, so it breaks the window.
 
 A proximity entry `CUE ~geoname` (rs-v7: "from above ~geoname") holds where a name of the geonames list
 (tasks/keywords/<version>.geonames.txt: GeoNames cities, regions and countries) lies within WINDOW words of
@@ -21,7 +22,8 @@ set of the names.
 
 The word `<thousands>` in an entry (rs-v4: "from <thousands> feet") stands for a number of at least 1,000,
 with or without thousands separators; `<hundreds>` (rs-v14: "fl <hundreds>", a flight level) for one of
-three digits.
+three digits. Words joined by "|" are alternatives in one slot (rs-v17: "from|aboard a|the plane|747"), one
+pattern for every phrase they spell.
 
 Speed: PUB11 starts from billions of captions, so the work is vectorised with pyarrow.compute (RE2). A
 loose prefilter of the keyword alternation over the lower-cased captions finds the few candidate rows (it
