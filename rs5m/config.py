@@ -105,11 +105,11 @@ class IngestConfig(Strict):
 
 
 class KeywordConfig(Strict):
-    # Each list has its own versions: rs-v3 to rs-v17 changed the keywords, rs-v5 came with rs-v3 places, rs-v7
+    # Each list has its own versions: rs-v3 to rs-v18 changed the keywords, rs-v5 came with rs-v3 places, rs-v7
     # with rs-v1 geonames, rs-v11 with rs-v3 exclusions, rs-v15 with rs-v4 places.
     keywords: str = Field(
-        "rs-v17",
-        description="Shipped keyword list version (rs-v17 ... rs-v1) or a path to a keyword file.",
+        "rs-v18",
+        description="Shipped keyword list version (rs-v18 ... rs-v1) or a path to a keyword file.",
     )
     exclusions: str = Field(
         "rs-v3",

@@ -383,6 +383,7 @@ RELEASED_WITH = {
     "rs-v15": ("rs-v3", "rs-v4", "rs-v1"),
     "rs-v16": ("rs-v3", "rs-v4", "rs-v1"),
     "rs-v17": ("rs-v3", "rs-v4", "rs-v1"),
+    "rs-v18": ("rs-v3", "rs-v4", "rs-v1"),
 }
 
 
