@@ -434,19 +434,25 @@ def _start(text: str, span: str) -> int:
     return found.start()
 
 
-def _alternations(phrases: list[Phrase], group: str) -> list[str]:
-    """The phrases as named groups, in list order: one of the plain phrases, then one of the proximity entries
+def _alternations(phrases: list[Phrase]) -> list[str]:
+    """The phrases as alternations, in list order: one of the plain phrases, then one of the proximity entries
     (last in the list), which share their place alternation: one alternative of all their cues (in list
     order), the entry named from the span. Two patterns, not one, because one of both outgrew RE2's DFA memory
     when the places grew (rs-v4: 0.13 s instead of 0.03 s for 7,000 candidate rows); each is also a small
     compile, which every kernel call pays."""
     plain = [p.canonical for p in phrases if p.cue is None]
     near = [p for p in phrases if p.cue is not None]
-    patterns = [f"(?P<{group}>" + "|".join(plain) + ")"] if plain else []
+    patterns = ["|".join(plain)] if plain else []
     if near:
-        cues = [p.cue.canonical for p in near if p.cue is not None]
-        patterns.append(f"(?P<{group}>" + _near_pattern(cues, near[0].near or "") + ")")
+        patterns.append(
+            _near_pattern([p.cue.canonical for p in near if p.cue is not None], near[0].near or "")
+        )
     return patterns
+
+
+def _extractors(phrases: list[Phrase], group: str) -> list[str]:
+    """`_alternations` as patterns that name their span `group` (pyarrow's extract_regex needs a name)."""
+    return [f"(?P<{group}>{pattern})" for pattern in _alternations(phrases)]
 
 
 class KeywordMatcher:
@@ -491,10 +497,9 @@ class KeywordMatcher:
         else:
             self._prefilter = (pc.utf8_lower, self.candidate_patterns)
         in_alternation = [p for p in self.keywords if not p.named]
-        self._keyword_patterns = _alternations(in_alternation, "keyword")
+        self._keyword_patterns = _extractors(in_alternation, "keyword")
         # masking needs no entry names, so one pattern, which is small enough
-        exclusion_patterns = _alternations(self.exclusions, "exclusion")
-        self._exclusion_pattern = "|".join(exclusion_patterns) if exclusion_patterns else None
+        self._exclusion_pattern = "|".join(_alternations(self.exclusions)) or None
         self._in_alternation, self._named, self._geonames = in_alternation, named, geonames
         # The cues of the `~geoname` entries, longest first, as RE2 (rows to look at) and Python re (where).
         self._named_cue_pattern = "|".join(p.canonical for p in named)
@@ -510,7 +515,7 @@ class KeywordMatcher:
             if any(r.search(p.example) for r in parts)
             or (geonames is not None and geonames.named_in(p.example))
         ]
-        self._vetoing_patterns = _alternations(self._vetoing, "exclusion")
+        self._vetoing_patterns = _extractors(self._vetoing, "exclusion")
         # matched span -> its list entry, one map per alternation (keywords, vetoing exclusions)
         self._keyword_of_span: dict[str, str] = {}
         self._exclusion_of_span: dict[str, str] = {}
