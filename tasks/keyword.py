@@ -36,7 +36,7 @@ folding (rs-v14), so a prefilter longer than PREFILTER_CHARS characters is cut i
 each.
 For a list without cased letters beyond ASCII (the shipped ones) the text is ASCII-lower-cased, about ten
 times cheaper than Unicode lower-casing; only the candidates are lower-cased in full. Each kernel call
-compiles its pattern (about 9 ms for the keyword alternation), a fixed cost per shard: give the stage large
+compiles its pattern (about 12 ms for the plain keyword alternation), a fixed cost per shard: give the stage large
 shards.
 """
 
@@ -138,8 +138,9 @@ def _parse_phrase(text: str, origin: str) -> Phrase:
     body = (text[1:] if anchored else text).lower()
     if "^" in body or not body.strip("| \t"):
         raise ValueError(f"{origin}: not a usable phrase: {text!r} (letters or digits, '^' only first)")
-    slots = [[_option(option, origin, text) for option in slot.split("|")] for slot in body.split()]
-    if len(slots) > 1 and all(len(slot) == 1 for slot in slots):  # no alternatives: separators as before
+    if "|" in body:
+        slots = [[_option(option, origin, text) for option in slot.split("|")] for slot in body.split()]
+    else:  # no alternatives: one option, its words split at any separator
         slots = [[_option(body, origin, text)]]
     canonical_slots, loose_slots = [], []
     for slot in slots:
@@ -425,6 +426,11 @@ def _candidate_patterns(keywords: list[Phrase]) -> list[str]:
         parts += 1
 
 
+def matches_any(texts: pa.Array, patterns: list[str]) -> pa.Array:
+    """Rows any of the patterns matches: one RE2 pass per pattern (a prefilter's parts), or-ed."""
+    return functools.reduce(pc.or_, (pc.match_substring_regex(texts, pattern) for pattern in patterns))
+
+
 def _start(text: str, span: str) -> int:
     """Where a span that a pattern of word-bounded entries found first in `text` begins: its first
     occurrence with the same (ASCII, as RE2's) word bounds, since the entry that matched it there would have
@@ -548,10 +554,7 @@ class KeywordMatcher:
             captions = captions.combine_chunks()
         lower, prefilter = self._prefilter
         lowered = lower(captions)
-        is_candidate = functools.reduce(
-            pc.or_, (pc.match_substring_regex(lowered, part) for part in prefilter)
-        )
-        is_candidate = pc.fill_null(is_candidate, False)
+        is_candidate = pc.fill_null(matches_any(lowered, prefilter), False)
         canonical = _canonical(pc.utf8_lower(captions.filter(is_candidate)))
         masked = canonical
         if self._exclusion_pattern is not None:
