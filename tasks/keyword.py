@@ -35,9 +35,10 @@ memory and fell back to an engine 40-80x slower. A large enough alternation does
 folding (rs-v14), so a prefilter longer than PREFILTER_CHARS characters is cut into even parts, one pass
 each.
 For a list without cased letters beyond ASCII (the shipped ones) the text is ASCII-lower-cased, about ten
-times cheaper than Unicode lower-casing; only the candidates are lower-cased in full. Each kernel call
-compiles its pattern (about 12 ms for the plain keyword alternation), a fixed cost per shard: give the stage large
-shards.
+times cheaper than Unicode lower-casing; only the candidates are lower-cased in full. No pass uses a capturing
+group over a large pattern: RE2 finds a whole match with its DFAs, a group with its slowest engine. Each kernel
+call compiles its pattern (about 9 ms to find the first span of the plain keyword alternation), a fixed cost
+per shard: give the stage large shards.
 """
 
 from __future__ import annotations
@@ -66,18 +67,23 @@ REASONS = {
 LISTS_DIR = Path(__file__).parent / "keywords"
 # A config value of this shape names a shipped list version; anything else is a file path.
 # Bumped when the matching rules change, so that the identity (and the stage fingerprint) changes with them.
-MATCHER_VERSION = "1"
+MATCHER_VERSION = "2"
 
 _APOSTROPHES = "'\u2019\u2018`\u00b4"
 # The only characters Unicode lower-casing (pyarrow's utf8_lower) turns into ASCII letters: İ -> i, K (Kelvin) -> k.
 _LOWER_TO_ASCII = "\u0130\u212a"
-# Canonicalisation, as RE2 rewrites applied in order to lower-cased captions.
+# Canonicalisation, as RE2 rewrites applied in order to lower-cased captions, then trimmed: words of letters and
+# digits between single spaces, so that `^` (a caption's start) holds after leading punctuation too. None of
+# the rewrites uses a capturing group, which would run RE2's slowest engine over every match.
 _CANONICAL_STEPS = (
     (rf"[\s\pZ]*[{_APOSTROPHES}][\s\pZ]*s\b", "s"),  # bird 's eye / bird’s eye -> birds eye
-    (r"(\pL)(\pN)", r"\1 \2"),  # landsat8 -> landsat 8
-    (r"(\pN)(\pL)", r"\1 \2"),  # 2a -> 2 a
-    (r"[^\pL\pN]+", " "),  # any other run of characters is one separator
+    (r"\pN+", " \\0 "),  # a number is a word of its own: landsat8 -> landsat 8, 2a -> 2 a
+    # any other run of characters is one separator; a single space already is one, and leaving it out makes
+    # this pass a few matches a caption instead of one per word (each match is an RE2 search)
+    (r"[^\pL\pN ][^\pL\pN]*| [^\pL\pN]+", " "),
 )
+# Around each match of an alternation, to find its first span (see _first_span).
+_OPEN, _CLOSE = "\x01", "\x02"
 # Replaces an exclusion span: not a word character, so no keyword can match across or inside it.
 _MASK = " # "
 # Between two words of a phrase in the loose prefilter: whatever canonicalisation turns into a separator.
@@ -252,26 +258,43 @@ def _read_places(path: Path) -> Places:
 @dataclass(frozen=True)
 class Geonames:
     names: frozenset[str]  # canonical text of each name ("cape town")
-    longest: int  # words in the longest name
-    first_words: frozenset[str]  # where a name can start ("cape"), so that most positions are passed at once
-    last_words: frozenset[str]  # where a name can end ("town")
+    # The words a name can start with ("cape") and end with ("town"), each with the most words of a name that
+    # does: most positions are passed at once, and a common word ("new", "city") tries only lengths that occur.
+    longest_from: dict[str, int]
+    longest_to: dict[str, int]
+    name_starts: pa.Array  # the names of one word and the first two words of the others
 
     @classmethod
     def of(cls, names: frozenset[str]) -> Geonames:
-        words = [name.split() for name in names]
-        firsts, lasts = frozenset(w[0] for w in words), frozenset(w[-1] for w in words)
-        return cls(names, max(map(len, words)), firsts, lasts)
+        longest_from: dict[str, int] = {}
+        longest_to: dict[str, int] = {}
+        for words in (name.split() for name in names):
+            longest_from[words[0]] = max(longest_from.get(words[0], 0), len(words))
+            longest_to[words[-1]] = max(longest_to.get(words[-1], 0), len(words))
+        starts = sorted({" ".join(name.split()[:2]) for name in names})
+        return cls(names, longest_from, longest_to, pa.array(starts, pa.string()))
+
+    def may_name(self, texts: pa.Array) -> pa.Array:
+        """Per canonical text, False where no name occurs in it (so none lies near a cue), vectorised: no word
+        is a name of one word and no two words in a row begin a longer one. Word pairs that straddle two texts
+        can only add rows, which the exact check then passes over."""
+        split = pc.utf8_split_whitespace(texts)
+        words, rows = pc.list_flatten(split), pc.list_parent_indices(split)
+        pairs = pc.binary_join_element_wise(words[:-1], words[1:], " ")
+        hit = pc.is_in(pa.concat_arrays([words, pairs]), value_set=self.name_starts)
+        named = pc.unique(pa.concat_arrays([rows, rows[:-1]]).filter(hit))
+        return pc.is_in(pa.array(range(len(texts)), pa.int64()), value_set=named)
 
     def near(self, before: list[str], after: list[str]) -> bool:
         """Whether a name lies within WINDOW words before (ending `before`) or after (starting `after`) a cue."""
         for gap in range(WINDOW + 1):
-            if gap < len(after) and after[gap] in self.first_words:
-                for length in range(1, min(self.longest, len(after) - gap) + 1):
+            if gap < len(after) and (longest := self.longest_from.get(after[gap])):
+                for length in range(1, min(longest, len(after) - gap) + 1):
                     if " ".join(after[gap : gap + length]) in self.names:
                         return True
             end = len(before) - gap
-            if end > 0 and before[end - 1] in self.last_words:
-                for length in range(1, min(self.longest, end) + 1):
+            if end > 0 and (longest := self.longest_to.get(before[end - 1])):
+                for length in range(1, min(longest, end) + 1):
                     if " ".join(before[end - length : end]) in self.names:
                         return True
         return False
@@ -286,7 +309,7 @@ def _canonical(lowered: pa.Array) -> pa.Array:
     """The canonical copy of lower-cased texts (captions, or the names of a geonames list)."""
     for pattern, replacement in _CANONICAL_STEPS:
         lowered = pc.replace_substring_regex(lowered, pattern, replacement)
-    return lowered
+    return pc.utf8_trim(lowered, " ")
 
 
 def _read_geonames(path: Path) -> Geonames:
@@ -456,9 +479,14 @@ def _alternations(phrases: list[Phrase]) -> list[str]:
     return patterns
 
 
-def _extractors(phrases: list[Phrase], group: str) -> list[str]:
-    """`_alternations` as patterns that name their span `group` (pyarrow's extract_regex needs a name)."""
-    return [f"(?P<{group}>{pattern})" for pattern in _alternations(phrases)]
+def _first_span(texts: pa.Array, pattern: str) -> pa.Array:
+    """The first span of `pattern` in each canonical text, null where it does not occur. RE2 finds a match's
+    whole span with its DFAs alone, while a capturing group (pyarrow's extract_regex) runs its slowest engine
+    over each match, which costs a large alternation about 1.4 microseconds a row: so every match is marked
+    (a global replace, which asks for the whole span only), and the first marked span extracted with a small
+    pattern. Canonical text holds no control character, so the marks are unambiguous."""
+    marked = pc.replace_substring_regex(texts, pattern, f"{_OPEN}\\0{_CLOSE}")
+    return pc.struct_field(pc.extract_regex(marked, f"{_OPEN}(?P<span>[^{_CLOSE}]*){_CLOSE}"), [0])
 
 
 class KeywordMatcher:
@@ -503,7 +531,7 @@ class KeywordMatcher:
         else:
             self._prefilter = (pc.utf8_lower, self.candidate_patterns)
         in_alternation = [p for p in self.keywords if not p.named]
-        self._keyword_patterns = _extractors(in_alternation, "keyword")
+        self._keyword_patterns = _alternations(in_alternation)
         # masking needs no entry names, so one pattern, which is small enough
         self._exclusion_pattern = "|".join(_alternations(self.exclusions)) or None
         self._in_alternation, self._named, self._geonames = in_alternation, named, geonames
@@ -521,7 +549,7 @@ class KeywordMatcher:
             if any(r.search(p.example) for r in parts)
             or (geonames is not None and geonames.named_in(p.example))
         ]
-        self._vetoing_patterns = _extractors(self._vetoing, "exclusion")
+        self._vetoing_patterns = _alternations(self._vetoing)
         # matched span -> its list entry, one map per alternation (keywords, vetoing exclusions)
         self._keyword_of_span: dict[str, str] = {}
         self._exclusion_of_span: dict[str, str] = {}
@@ -595,9 +623,9 @@ class KeywordMatcher:
         """The first span of the alternations of `phrases` (plain, then proximity) in each row, reported as its
         list entry; null where none occurs. Where both match, the earlier span wins and, at the same place,
         the plain one: what one alternation of both finds."""
-        found = pc.struct_field(pc.extract_regex(canonical, patterns[0]), [0])
+        found = _first_span(canonical, patterns[0])
         if len(patterns) == 2:
-            near = pc.struct_field(pc.extract_regex(canonical, patterns[1]), [0])
+            near = _first_span(canonical, patterns[1])
             both = pc.and_(pc.is_valid(found), pc.is_valid(near))
             near_first = pc.is_null(found)
             if pc.any(both).as_py():  # a few rows in 10,000: compare where their spans begin
@@ -623,8 +651,13 @@ class KeywordMatcher:
         matches any other entry reports that one)."""
         if not self._named:
             return keyword
-        look = pc.and_(pc.is_null(keyword), pc.match_substring_regex(masked, self._named_cue_pattern))
-        look = pc.fill_null(look, False)
+        # narrowed in steps, each over the rows left: no keyword, a cue, then maybe a name
+        look = pc.is_null(keyword)
+        look = pc.replace_with_mask(
+            look, look, pc.match_substring_regex(masked.filter(look), self._named_cue_pattern)
+        )
+        if self._geonames is not None and pc.any(look).as_py():
+            look = pc.replace_with_mask(look, look, self._geonames.may_name(masked.filter(look)))
         if not pc.any(look).as_py():
             return keyword
         entries = [self._named_entry(text) for text in masked.filter(look).to_pylist()]

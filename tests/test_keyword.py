@@ -30,8 +30,9 @@ from tasks.keyword import (
 )
 
 LABELS = Path(__file__).parent / "data" / "keyword_labels.csv"
-# KeywordMatcher(rs-v1).identity as rs-v1 shipped (before proximity entries existed): it must not move.
-RS_V1_IDENTITY = "12f1efdf3a18ef0635c03731ffa150d53d77cc34af9966d503519f9abc03b9d1"
+# KeywordMatcher(rs-v1).identity since matcher rules 2 (`^` after leading punctuation): it moves with the rules
+# (MATCHER_VERSION), never with lists rs-v1 does not use (it has no proximity entry).
+RS_V1_IDENTITY = "da017377161be72ed5760c7cd0edc12feb97816eb03fb037f3895ffd445bd699"
 PLACES = ["town", "field", "city", "cities", "old mill", "beach"]
 GEONAMES = ["Chicago", "Cape Town", "Zürich", "Zurich", "St. Paul's"]
 
@@ -425,6 +426,9 @@ def test_possessive_and_anchor_syntax(tmp_path: Path) -> None:
             "Flying over Rome",
             "a gull flying over Rome",
             "bird eyes",
+            '"Flying over Rome"',
+            "... flying over Rome",
+            "2 flying over Rome",
         ],
     ) == [
         ("bird's eye", None),
@@ -433,6 +437,9 @@ def test_possessive_and_anchor_syntax(tmp_path: Path) -> None:
         ("^flying over", None),
         (None, None),
         ("bird's eye", None),
+        ("^flying over", None),  # `^` is the first word, after any punctuation
+        ("^flying over", None),
+        (None, None),
     ]
 
 
@@ -791,6 +798,26 @@ def test_geoname_entries_are_checked_on_many_rows_in_order(tmp_path: Path) -> No
     captions = ["aerial view", "Chicago from above", None, "a cat", "from above", "Zurich from above"] * 500
     expected = ["aerial", "from above ~geoname", None, None, None, "from above ~geoname"] * 500
     assert [k for k, _ in matched(matcher, captions)] == expected
+
+
+def test_geonames_may_name_every_text_that_names_one(labelled: list[dict[str, str]]) -> None:
+    """The vectorised filter in front of the exact `~geoname` check passes every text holding a name (of one
+    word or several, at either end), and few others."""
+    geonames = KeywordMatcher.from_config(released_config("rs-v18"))._geonames
+    assert geonames is not None
+    captions = [row["caption"] for row in labelled] + [
+        "Rio de Janeiro from above",
+        "from above: Rio de Janeiro",
+        "from above lots of",
+        "",
+        "Reykjavik",
+    ]
+    texts = _canonical(pc.utf8_lower(pa.array(captions, pa.string())))
+    may = geonames.may_name(texts).to_pylist()
+    named = [geonames.named_in(text) for text in texts.to_pylist()]
+    assert all(m for m, n in zip(may, named, strict=True) if n)
+    assert named[-5:] == [True, True, False, False, True]
+    assert sum(may) < 1.5 * sum(named)
 
 
 def test_geoname_syntax_errors(tmp_path: Path) -> None:
@@ -1272,8 +1299,7 @@ def test_two_alternations_report_what_one_would(version: str, labelled: list[dic
     single alternation of both reports: the earlier span, the plain one where both begin together."""
     matcher = KeywordMatcher.from_config(released_config(version))
     plain, near = matcher._keyword_patterns
-    group = "(?P<keyword>"
-    one = group + plain.removeprefix(group)[:-1] + "|" + near.removeprefix(group)
+    one = plain + "|" + near
     captions = [r["caption"] for r in labelled] + [
         "top view of the old town taken from a drone",
         "taken from a drone: top view of the old town",
