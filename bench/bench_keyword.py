@@ -20,6 +20,13 @@ c/a and d/a are the matcher's and the stage's speed relative to a bare case-inse
 prefilter pattern; c/e and d/e relative to one pass of that pattern over ASCII-lower-cased text; c/f and d/f
 relative to the cheapest passes of its parts.
 
+Then the same rows as shards of --shard-rows (default: ingest's 10,000), as a stage sees them:
+  (g) bare passes as (a), one per shard, and (h) as (f), one per shard,
+  (i) filter_shard once per shard (a task of one shard, or keyword.batch_rows 1),
+  (j) filter_shard once per group of consecutive shards of --batch-rows rows (default: keyword.batch_rows), with
+      the concatenation and the cut back into shards that tasks/harness.py run_shard_batches adds;
+i/g, j/g, i/h and j/h are the stage's speed relative to the bare passes a shard at a time.
+
     .venv/bin/python bench/bench_keyword.py --rows 2000000 [--lists rs-v1]
 """
 
@@ -38,8 +45,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from rs5m.config import KeywordConfig
+from rs5m.config import IngestConfig, KeywordConfig
 from storage.schemas import INGEST_SCHEMA
+from tasks.harness import split_outcome
 from tasks.keyword import RELEASED_WITH, KeywordMatcher, filter_shard, matches_any, released_config
 
 DATA = SHARED_DATA / "web_captions"
@@ -115,6 +123,18 @@ def main() -> None:
         help=f"shipped keyword list version (default {KeywordConfig().keywords}), with the exclusion, places and "
         "geonames lists it was released with",
     )
+    parser.add_argument(
+        "--shard-rows",
+        type=int,
+        default=IngestConfig().shard_rows,
+        help=f"rows per shard for cases g-j (default ingest.shard_rows, {IngestConfig().shard_rows:,})",
+    )
+    parser.add_argument(
+        "--batch-rows",
+        type=int,
+        default=KeywordConfig().batch_rows,
+        help=f"rows per call for case j (default keyword.batch_rows, {KeywordConfig().batch_rows:,})",
+    )
     args = parser.parse_args()
 
     captions, urls = real_captions()
@@ -168,6 +188,43 @@ def main() -> None:
 
     pairs = ("ca", "da", "ce", "de", "cf", "df", "cb", "db")
     print("   ".join(speed(case, baseline) for case, baseline in pairs))
+
+    shards = [table.slice(start, args.shard_rows) for start in range(0, args.rows, args.shard_rows)]
+    groups, group = [], []
+    for shard in shards:
+        group.append(shard)
+        if sum(t.num_rows for t in group) >= args.batch_rows:
+            groups.append(group)
+            group = []
+    groups += [group] if group else []
+
+    def per_group() -> None:
+        for members in groups:
+            outcome = filter_shard(pa.concat_tables(members), matcher)
+            split_outcome(outcome, [t.num_rows for t in members])
+
+    def column_of(shard: pa.Table) -> pa.Array:
+        return shard.column("caption").combine_chunks()
+
+    shard_cases = {
+        "g bare RE2 as (a), per shard": lambda: [
+            pc.match_substring_regex(pc.utf8_lower(column_of(t)), alternation) for t in shards
+        ],
+        "h bare RE2 as (f), per shard": lambda: [
+            matches_any(pc.ascii_lower(column_of(t)), matcher.candidate_patterns) for t in shards
+        ],
+        "i filter_shard, per shard": lambda: [filter_shard(t, matcher) for t in shards],
+        "j filter_shard, per group": per_group,
+    }
+    print(
+        f"{len(shards):,} shards of {args.shard_rows:,} rows; case j: {len(groups):,} group(s) of "
+        f"{args.batch_rows:,} rows"
+    )
+    times = {name[0]: seconds for name, seconds in timed_turns(args.repeats, shard_cases).items()}
+    for name in shard_cases:
+        best = min(times[name[0]])
+        print(f"{name:34s} {best:8.3f} s  {args.rows / best / 1e6:7.2f} M rows/s (best of {args.repeats})")
+    print("   ".join(speed(case, baseline) for case, baseline in ("ig", "jg", "ih", "jh")))
 
 
 if __name__ == "__main__":

@@ -60,15 +60,9 @@ def _batch_run_name() -> str:
 def run_units(
     workdir: str, stage: str, units: list[str], config: PipelineConfig, run_id: str
 ) -> list[ShardSummary]:
-    """Units of one stage, one after the other, through the stage object's plain code (tasks/). Every unit
-    is tried; those that failed are raised together after the others committed."""
-    done: list[ShardSummary] = []
-    errors: dict[str, BaseException] = {}
-    for unit in units:
-        try:
-            done.append(STAGES[stage].run_unit(Layout(workdir), unit, config, run_id))
-        except Exception as error:  # the batch's other units still run; the task then fails naming it
-            errors[unit] = error
+    """Units of one stage through the stage object's plain code (tasks/). Every unit is tried; those that
+    failed are raised together after the others committed."""
+    done, errors = STAGES[stage].run_units(Layout(workdir), units, config, run_id)
     if errors:
         raise UnitsFailed(errors, done)
     return done

@@ -9,7 +9,8 @@ The same steps for every stage and unit (a shard; a source for ingest; the whole
 5. check that every input sample got exactly one decision, with a reason the stage declared;
 6. write survivors, ledger and arrays (each atomically and durably), then the marker with their digests.
 So a marker never describes files other than those on disk, and a kill at any moment leaves either a
-finished unit or one that reruns from scratch.
+finished unit or one that reruns from scratch. A shard stage may decide a task's consecutive shards in one
+call (run_shard_batches): steps 4 and 5 then cover the group, every other step stays per shard.
 """
 
 from __future__ import annotations
@@ -181,6 +182,54 @@ def with_images(table: pa.Table, images: pa.Table) -> pa.Table:
     return table.append_column("image", images.column("image").take(pa.array(rows, pa.int64())))
 
 
+def _shard_inputs(layout: Layout, upstream: str, shard_id: str, images_from: str | None) -> dict[str, str]:
+    inputs = {"data": upstream_checksum(layout, upstream, shard_id)}
+    if images_from is not None:
+        inputs["images"] = upstream_checksum(layout, images_from, shard_id)
+    return inputs
+
+
+def _reused(
+    layout: Layout, stage: str, shard_id: str, fingerprint: str, inputs: dict[str, str], verify: Verification
+) -> ShardSummary | None:
+    """Step 1 and 2: the summary of a shard whose marker is current, or None after removing a stale marker."""
+    marker = current_marker(layout, stage, shard_id, fingerprint, inputs, verify)
+    if marker is not None:
+        return ShardSummary(stage, shard_id, skipped=True, counts=marker.counts[shard_id])
+    remove_marker(layout, stage, shard_id)
+    return None
+
+
+def _commit_marked(
+    layout: Layout,
+    *,
+    stage: str,
+    shard_id: str,
+    outcome: ShardOutcome,
+    output_schema: pa.Schema,
+    run_id: str,
+    fingerprint: str,
+    inputs: dict[str, str],
+) -> ShardSummary:
+    """Step 6: the shard's files, then its marker."""
+    committed = commit_shard(layout, stage, shard_id, outcome, output_schema, run_id, fingerprint)
+    write_marker(
+        layout,
+        Marker(
+            stage,
+            shard_id,
+            fingerprint,
+            inputs,
+            {shard_id: committed.sha256},
+            {shard_id: committed.counts},
+            run_id,
+            now(),
+            files=committed.files,
+        ),
+    )
+    return ShardSummary(stage, shard_id, skipped=False, counts=committed.counts)
+
+
 def run_shard(
     layout: Layout,
     *,
@@ -198,13 +247,10 @@ def run_shard(
     verify: Verification = "checksum",
     stall_timeout_s: float | None = None,
 ) -> ShardSummary:
-    inputs = {"data": upstream_checksum(layout, upstream, shard_id)}
-    if images_from is not None:
-        inputs["images"] = upstream_checksum(layout, images_from, shard_id)
-    marker = current_marker(layout, stage, shard_id, fingerprint, inputs, verify)
-    if marker is not None:
-        return ShardSummary(stage, shard_id, skipped=True, counts=marker.counts[shard_id])
-    remove_marker(layout, stage, shard_id)
+    inputs = _shard_inputs(layout, upstream, shard_id, images_from)
+    reused = _reused(layout, stage, shard_id, fingerprint, inputs, verify)
+    if reused is not None:
+        return reused
     with watching(stage, shard_id, stall_timeout_s):
         table = read_verified_table(layout, upstream, shard_id, inputs["data"])
         output_schema = schema_of(table.schema)
@@ -220,24 +266,118 @@ def run_shard(
             extra["arrays"] = read_arrays(layout, upstream, shard_id, upstream_arrays, rows=table.num_rows)
         outcome = process(table, **extra)
     check_outcome(table.column("sample_id"), outcome, reasons, stage)
-    committed = commit_shard(layout, stage, shard_id, outcome, output_schema, run_id, fingerprint)
-    write_marker(
+    summary = _commit_marked(
         layout,
-        Marker(
-            stage,
-            shard_id,
-            fingerprint,
-            inputs,
-            {shard_id: committed.sha256},
-            {shard_id: committed.counts},
-            run_id,
-            now(),
-            files=committed.files,
-        ),
+        stage=stage,
+        shard_id=shard_id,
+        outcome=outcome,
+        output_schema=output_schema,
+        run_id=run_id,
+        fingerprint=fingerprint,
+        inputs=inputs,
     )
     if needs_scratch:
         layout.remove_scratch(stage, shard_id)
-    return ShardSummary(stage, shard_id, skipped=False, counts=committed.counts)
+    return summary
+
+
+def split_outcome(outcome: ShardOutcome, sizes: Sequence[int]) -> list[ShardOutcome]:
+    """The outcome of consecutive shards' rows decided together, cut back into one per shard: decisions by
+    the shards' row counts (they are in input order), survivors and their arrays by how many of each shard's
+    rows were kept."""
+    kept_flags = pc.equal(outcome.decisions.column("fate"), KEPT)
+    parts, start, kept_start = [], 0, 0
+    for size in sizes:
+        kept = pc.sum(kept_flags.slice(start, size)).as_py() or 0
+        parts.append(
+            ShardOutcome(
+                kept=outcome.kept.slice(kept_start, kept),
+                decisions=outcome.decisions.slice(start, size),
+                arrays={name: rows[kept_start : kept_start + kept] for name, rows in outcome.arrays.items()},
+            )
+        )
+        start, kept_start = start + size, kept_start + kept
+    return parts
+
+
+def run_shard_batches(
+    layout: Layout,
+    *,
+    stage: str,
+    upstream: str,
+    shard_ids: Sequence[str],
+    schema_of: Callable[[pa.Schema], pa.Schema],
+    reasons: Mapping[str, str],
+    fingerprint: str,
+    run_id: str,
+    process: Callable[[pa.Table], ShardOutcome],
+    batch_rows: int,
+    verify: Verification = "checksum",
+    stall_timeout_s: float | None = None,
+) -> tuple[list[ShardSummary], dict[str, BaseException]]:
+    """A task's shards, with one call of `process` per group of consecutive shards that need it, each group
+    about `batch_rows` rows: for a stage whose cost per call is mostly fixed. Each shard is still reused, read,
+    committed and marked on its own (steps 1-3 and 6, as run_shard); a group's call and checks (steps 4-5)
+    fail all of its shards, and the others go on. `process` must decide rows in input order: its outcome is
+    cut back into shards by their row counts. Returns the summaries of the shards done and the errors of the
+    others."""
+    done: list[ShardSummary] = []
+    errors: dict[str, BaseException] = {}
+    group: list[tuple[str, dict[str, str], pa.Table]] = []
+
+    def run_group() -> None:
+        ids = [shard_id for shard_id, _, _ in group]
+        try:
+            with watching(stage, ids[0] if len(ids) == 1 else f"{ids[0]} to {ids[-1]}", stall_timeout_s):
+                table = pa.concat_tables([table for _, _, table in group])
+                outcome = process(table)
+            check_outcome(table.column("sample_id"), outcome, reasons, stage)
+            if not outcome.decisions.column("sample_id").equals(table.column("sample_id")):
+                raise ShardContractError(
+                    f"stage {stage!r} decides shards in batches, so its decisions must follow its input order"
+                )
+            parts = split_outcome(outcome, [table.num_rows for _, _, table in group])
+        except Exception as error:  # the group's shards fail together; the task goes on with the next group
+            errors.update(dict.fromkeys(ids, error))
+            return
+        for (shard_id, inputs, shard), part in zip(group, parts, strict=True):
+            try:
+                done.append(
+                    _commit_marked(
+                        layout,
+                        stage=stage,
+                        shard_id=shard_id,
+                        outcome=part,
+                        output_schema=schema_of(shard.schema),
+                        run_id=run_id,
+                        fingerprint=fingerprint,
+                        inputs=inputs,
+                    )
+                )
+            except Exception as error:
+                errors[shard_id] = error
+
+    rows = 0
+    for shard_id in shard_ids:
+        try:
+            inputs = _shard_inputs(layout, upstream, shard_id, None)
+            reused = _reused(layout, stage, shard_id, fingerprint, inputs, verify)
+            if reused is not None:
+                done.append(reused)
+                continue
+            with watching(stage, shard_id, stall_timeout_s):
+                table = read_verified_table(layout, upstream, shard_id, inputs["data"])
+        except Exception as error:
+            errors[shard_id] = error
+            continue
+        group.append((shard_id, inputs, table))
+        rows += table.num_rows
+        if rows >= batch_rows:
+            run_group()
+            group, rows = [], 0
+    if group:
+        run_group()
+    return done, errors
 
 
 def run_source(
@@ -368,8 +508,8 @@ class Stage:
     """What every stage declares: its name (its folder), the reasons it may drop a sample for, the config
     sections and identity its fingerprint covers, its code version (bump it when the code changes what the
     stage writes: every unit reruns), and the RS5M column it reports. The kinds below add how the stage's
-    units are found and run; executors (flows/, tests) use only `upstreams`, `units`, `run_unit` and
-    `unit_fingerprints`."""
+    units are found and run; executors (flows/, tests) use only `upstreams`, `units`, `run_units` (or
+    `run_unit`) and `unit_fingerprints`."""
 
     name: str
     reasons: Mapping[str, str]
@@ -398,6 +538,20 @@ class Stage:
 
     def run_unit(self, layout: Layout, unit: str, config: PipelineConfig, run_id: str) -> ShardSummary:
         raise NotImplementedError
+
+    def run_units(
+        self, layout: Layout, units: Sequence[str], config: PipelineConfig, run_id: str
+    ) -> tuple[list[ShardSummary], dict[str, BaseException]]:
+        """A task's units: every one is tried. Returns the summaries of those done and the errors of the
+        others (which a rerun redoes)."""
+        done: list[ShardSummary] = []
+        errors: dict[str, BaseException] = {}
+        for unit in units:
+            try:
+                done.append(self.run_unit(layout, unit, config, run_id))
+            except Exception as error:  # the task's other units still run
+                errors[unit] = error
+        return done, errors
 
     def unit_fingerprints(self, config: PipelineConfig, units: Iterable[str]) -> dict[str, str]:
         return dict.fromkeys(units, self.fingerprint(config))
@@ -460,6 +614,9 @@ class ShardStage(Stage):
     shard only pays for its own data. `upstream_arrays` names the upstream's per-row arrays (embeddings)
     the function reads. `images_from` names an earlier stage of the pipeline that keeps the image bytes: the
     function then sees its rows with their `image`, which is never written again (images are stored once).
+    `batch_rows` (optional, from the config) makes a task call the function once per group of its
+    consecutive shards of about that many rows (run_shard_batches), for a function whose cost per call is
+    mostly fixed; it then must decide rows in input order.
     """
 
     upstream: str
@@ -469,6 +626,11 @@ class ShardStage(Stage):
     needs_scratch: bool = False
     upstream_arrays: tuple[str, ...] = ()
     images_from: str | None = None
+    batch_rows: Callable[[PipelineConfig], int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_rows is not None and (self.needs_scratch or self.upstream_arrays or self.images_from):
+            raise ValueError(f"stage {self.name!r}: batch_rows is for a function of the table alone")
 
     def upstreams(self, config: PipelineConfig) -> tuple[str, ...]:
         return (self.upstream,)
@@ -481,6 +643,26 @@ class ShardStage(Stage):
 
     def run_unit(self, layout: Layout, unit: str, config: PipelineConfig, run_id: str) -> ShardSummary:
         return self.run(layout, unit, config, run_id)
+
+    def run_units(
+        self, layout: Layout, units: Sequence[str], config: PipelineConfig, run_id: str
+    ) -> tuple[list[ShardSummary], dict[str, BaseException]]:
+        if self.batch_rows is None or len(units) < 2:
+            return super().run_units(layout, units, config, run_id)
+        return run_shard_batches(
+            layout,
+            stage=self.name,
+            upstream=self.upstream,
+            shard_ids=units,
+            schema_of=lambda schema: schema_after(schema, self.adds, self.drops),
+            reasons=self.reasons,
+            fingerprint=self.fingerprint(config),
+            run_id=run_id,
+            process=self.make_processor(config),
+            batch_rows=self.batch_rows(config),
+            verify=config.runner.verify,
+            stall_timeout_s=config.runner.stall_timeout_s,
+        )
 
     def run(self, layout: Layout, shard_id: str, config: PipelineConfig, run_id: str) -> ShardSummary:
         return run_shard(

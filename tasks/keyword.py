@@ -722,4 +722,5 @@ KEYWORD = ShardStage(
     adds=(KEYWORD_SCHEMA.field("matched_keyword"),),
     make_processor=_processor,
     identity=lambda config: {"lists": KeywordMatcher.from_config(config.keyword).identity},
+    batch_rows=lambda config: config.keyword.batch_rows,
 )

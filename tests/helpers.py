@@ -165,8 +165,9 @@ def run_stage_directly(layout: Layout, name: str, config, run_id: str) -> None:
     stage = STAGES[name]
     begin_stage(layout, name, run_id)
     units = stage.units(layout, config)
-    for unit in units:
-        stage.run_unit(layout, unit, config, run_id)
+    _, errors = stage.run_units(layout, units, config, run_id)
+    if errors:
+        raise next(iter(errors.values()))
     complete_stage(
         layout,
         stage=name,
