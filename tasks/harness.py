@@ -147,8 +147,10 @@ def commit_shard(
     return CommittedShard(files[layout.relative(data)]["sha256"], outcome.counts(), files)
 
 
-def upstream_checksum(layout: Layout, upstream: str, shard_id: str) -> str:
-    manifest = read_manifest(layout, upstream)
+def upstream_checksum(layout: Layout, upstream: str, shard_id: str, manifest: Manifest | None = None) -> str:
+    """The checksum the upstream stage recorded for the shard; `manifest` is the upstream's when the caller
+    read it already (a task of many shards reads it once: it lists every shard of the stage)."""
+    manifest = manifest or read_manifest(layout, upstream)
     if manifest is None or shard_id not in manifest.shards:
         raise StageInputError(f"stage {upstream!r} has not completed shard {shard_id!r}; run it first")
     return manifest.shards[shard_id]
@@ -182,8 +184,10 @@ def with_images(table: pa.Table, images: pa.Table) -> pa.Table:
     return table.append_column("image", images.column("image").take(pa.array(rows, pa.int64())))
 
 
-def _shard_inputs(layout: Layout, upstream: str, shard_id: str, images_from: str | None) -> dict[str, str]:
-    inputs = {"data": upstream_checksum(layout, upstream, shard_id)}
+def _shard_inputs(
+    layout: Layout, upstream: str, shard_id: str, images_from: str | None, manifest: Manifest | None = None
+) -> dict[str, str]:
+    inputs = {"data": upstream_checksum(layout, upstream, shard_id, manifest)}
     if images_from is not None:
         inputs["images"] = upstream_checksum(layout, images_from, shard_id)
     return inputs
@@ -358,9 +362,10 @@ def run_shard_batches(
                 errors[shard_id] = error
 
     rows = 0
+    manifest = read_manifest(layout, upstream)
     for shard_id in shard_ids:
         try:
-            inputs = _shard_inputs(layout, upstream, shard_id, None)
+            inputs = _shard_inputs(layout, upstream, shard_id, None, manifest)
             reused = _reused(layout, stage, shard_id, fingerprint, inputs, verify)
             if reused is not None:
                 done.append(reused)

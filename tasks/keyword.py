@@ -9,7 +9,7 @@ positive such as "aerial yoga") vetoes only its own span.
 A proximity entry `CUE ~place` (rs-v2: "top view ~place") holds only where a word of the places list
 (tasks/keywords/<version>.places.txt) lies within WINDOW words of the cue, before or after it. The proximity
 entries are one RE2 pattern (any cue, up to WINDOW words, a place; or a place, up to WINDOW words, a cue)
-beside the alternation of the plain phrases: one extract pass each names the entry that matched, and where
+beside the alternation of the plain phrases: one pass each finds the first span and names its entry, and where
 both match the earlier span wins, as one alternation of both would report it (one pattern of both outgrew
 RE2's DFA when the places grew). An exclusion's mask is no word, so it breaks the window.
 
